@@ -1,0 +1,5 @@
+"""The reference backend: the tutorial's module code (see acf_fast.reference)."""
+
+from ..reference import pair_scores, user_vectors
+
+__all__ = ["pair_scores", "user_vectors"]

@@ -1,0 +1,60 @@
+"""Tutorial-format checkpoints {epoch, loss, model_args, state_dict, optimizer}, written atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+REQUIRED_KEYS = ("state_dict",)
+
+
+def read_checkpoint(checkpoint, map_location="cpu") -> dict:
+    """A checkpoint dict, or the path of one; corrupt or truncated files raise ValueError."""
+    if isinstance(checkpoint, dict):
+        ckpt = checkpoint
+    else:
+        path = Path(checkpoint)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as exc:
+            raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{path}: not a checkpoint dict (got {type(ckpt).__name__})")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint lacks {missing}; expected keys epoch, loss, model_args, "
+                         "state_dict, optimizer")
+    return ckpt
+
+
+def make_checkpoint(model, optimizer=None, epoch=0, loss=float("nan"), **extra) -> dict:
+    ckpt = {
+        "epoch": epoch,
+        "loss": loss,
+        "model_args": dict(model.model_args),
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+    }
+    ckpt.update(extra)
+    return ckpt
+
+
+def save_checkpoint(ckpt: dict, path) -> Path:
+    """Write to a temporary file in the same folder, fsync, then rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(ckpt, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

@@ -1,0 +1,223 @@
+"""Feature store: the tutorial's `.npy` / `.h5` ResNet50 layer4 grids as one table.
+
+The table is [N+1, M, F] (M = 49 grid cells, row h*7+w; F = 2048 channels) with an
+all-zero row 0 for padding, so item id i reads row i. Converting the tutorial's
+files is slow and memory hungry, so it happens once into a memory-mappable `.npy`
+cache next to the source, written to a temporary file and renamed (a crash never
+leaves a half-written cache that looks valid). Later loads map the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GRID = 7
+SUPPORTED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# numpy has no bfloat16: its bits are stored as uint16 and viewed back in torch.
+_NP_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+CACHE_VERSION = 1
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"feature_dtype must be one of {list(SUPPORTED_DTYPES)}, got {dtype}")
+    return SUPPORTED_DTYPES[dtype]
+
+
+def cache_path(source: str | os.PathLike, dtype: torch.dtype) -> Path:
+    source = Path(source)
+    return source.with_name(f"{source.name}.acf-cache-{_dtype_name(dtype)}.npy")
+
+
+def _check_finite(block: torch.Tensor, first_item_row: int, source) -> None:
+    bad = ~torch.isfinite(block.reshape(block.shape[0], -1)).all(dim=1)
+    if bad.any():
+        row = first_item_row + int(bad.nonzero()[0, 0])
+        raise ValueError(f"{source}: features of item row {row} (item id {row + 1}) "
+                         "contain NaN or inf")
+
+
+def grid_to_components(block: torch.Tensor, layout: str) -> torch.Tensor:
+    """[n, F, 7, 7] ('channels_first'), [n, 7, 7, F] ('channels_last') or [n, M, F] -> [n, M, F]."""
+    if layout == "channels_first":
+        return block.flatten(2).transpose(1, 2)
+    if layout == "channels_last":
+        return block.flatten(1, 2)
+    if layout == "components":
+        return block
+    raise ValueError(f"unknown feature layout {layout!r}")
+
+
+def infer_layout(shape) -> str:
+    """Which of the accepted in-memory layouts a [N, ...] feature tensor has."""
+    if len(shape) == 3:
+        return "components"
+    if len(shape) == 4 and tuple(shape[2:]) == (GRID, GRID):
+        return "channels_first"
+    if len(shape) == 4 and tuple(shape[1:3]) == (GRID, GRID):
+        return "channels_last"
+    raise ValueError(f"features must have shape [N, 7, 7, F], [N, F, 7, 7] or [N, M, F]; got {tuple(shape)}")
+
+
+def table_from_tensor(features: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An in-memory feature tensor (one row per item id 1..N) -> [N+1, M, F] with a zero row 0."""
+    if not isinstance(features, torch.Tensor):
+        features = torch.as_tensor(np.asarray(features))
+    if not features.is_floating_point():
+        raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
+    comps = grid_to_components(features, infer_layout(features.shape))
+    dtype = dtype or (features.dtype if features.dtype in SUPPORTED_DTYPES else torch.float32)
+    if dtype != torch.float64:
+        _dtype_name(dtype)
+    _check_finite(comps, 0, "features")
+    table = comps.new_zeros((comps.shape[0] + 1, *comps.shape[1:]), dtype=dtype)
+    table[1:] = comps
+    return table
+
+
+def _write_cache(dest: Path, n_items: int, m: int, f: int, dtype: torch.dtype, blocks, meta) -> None:
+    """blocks yields (first_row, float32 tensor [n, M, F]); written into rows 1.. of the cache."""
+    name = _dtype_name(dtype)
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=_NP_STORAGE[name],
+                                        shape=(n_items + 1, m, f))
+        out[0] = 0
+        view = torch.from_numpy(out)
+        if name == "bfloat16":
+            view = view.view(torch.bfloat16)
+        for first, block in blocks:
+            _check_finite(block, first, meta["source"])
+            view[1 + first: 1 + first + block.shape[0]] = block.to(dtype)
+        out.flush()
+        del out, view
+        with open(tmp.with_suffix(".json.tmp"), "w") as fh:
+            json.dump(meta, fh)
+        os.replace(tmp.with_suffix(".json.tmp"), dest.with_suffix(".json"))
+        os.replace(tmp, dest)
+    finally:
+        for leftover in (tmp, tmp.with_suffix(".json.tmp")):
+            if leftover.exists():
+                leftover.unlink()
+
+
+def _npy_blocks(arr):
+    for i in range(arr.shape[0]):
+        grid = np.asarray(arr[i, 1], dtype=np.float32)
+        arr[i, 1] = None  # drop the source row as soon as it is copied: one copy at a time
+        if grid.ndim != 3 or grid.shape[1:] != (GRID, GRID):
+            raise ValueError(f"feature row {i}: expected an array of shape (F, 7, 7), got {grid.shape}")
+        yield i, grid_to_components(torch.from_numpy(grid)[None], "channels_first")
+
+
+def _convert_npy(path: Path, dtype: torch.dtype, dest: Path) -> None:
+    try:
+        arr = np.load(path, allow_pickle=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable .npy feature file ({exc})") from exc
+    if arr.dtype != object or arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"{path}: expected the tutorial's object array of shape (N, 2) "
+                         f"[name, array(F, 7, 7)], got dtype {arr.dtype} shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{path}: feature file has no items")
+    first = np.asarray(arr[0, 1])
+    if first.ndim != 3 or first.shape[1:] != (GRID, GRID):
+        raise ValueError(f"{path}: expected feature arrays of shape (F, 7, 7), got {first.shape}")
+    names = [str(x) for x in arr[:, 0]]
+    meta = _meta(path, dtype, names)
+    _write_cache(dest, arr.shape[0], GRID * GRID, first.shape[0], dtype, _npy_blocks(arr), meta)
+
+
+def _convert_h5(path: Path, dtype: torch.dtype, dest: Path, chunk: int = 256) -> None:
+    import h5py
+
+    try:
+        fh = h5py.File(path, "r")
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable HDF5 feature file ({exc})") from exc
+    with fh:
+        if "resnet50/layer4" not in fh:
+            raise ValueError(f"{path}: missing dataset 'resnet50/layer4' (expected shape (N, F, 7, 7))")
+        ds = fh["resnet50/layer4"]
+        if ds.ndim != 4 or ds.shape[2:] != (GRID, GRID):
+            raise ValueError(f"{path}: 'resnet50/layer4' must have shape (N, F, 7, 7), got {ds.shape}")
+        n = ds.shape[0]
+        names = ([x.decode() if isinstance(x, bytes) else str(x) for x in fh["image_filenames"][:]]
+                 if "image_filenames" in fh else [str(i) for i in range(n)])
+        meta = _meta(path, dtype, names)
+
+        def blocks():
+            for s in range(0, n, chunk):
+                block = torch.from_numpy(np.asarray(ds[s:s + chunk], dtype=np.float32))
+                yield s, grid_to_components(block, "channels_first")
+
+        _write_cache(dest, n, GRID * GRID, ds.shape[1], dtype, blocks(), meta)
+
+
+def _meta(path: Path, dtype: torch.dtype, names) -> dict:
+    st = path.stat()
+    return {"version": CACHE_VERSION, "source": str(path), "source_size": st.st_size,
+            "source_mtime_ns": st.st_mtime_ns, "dtype": _dtype_name(dtype), "names": names}
+
+
+def _cache_is_current(path: Path, dest: Path, dtype: torch.dtype) -> bool:
+    meta_path = dest.with_suffix(".json")
+    if not dest.exists() or not meta_path.exists():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return False
+    st = path.stat()
+    return (meta.get("version") == CACHE_VERSION and meta.get("dtype") == _dtype_name(dtype)
+            and meta.get("source_size") == st.st_size
+            and meta.get("source_mtime_ns") == st.st_mtime_ns)
+
+
+def _open_cache(dest: Path, dtype: torch.dtype) -> torch.Tensor:
+    name = _dtype_name(dtype)
+    try:
+        arr = np.load(dest, mmap_mode="r")
+    except Exception as exc:
+        raise ValueError(f"{dest}: corrupt feature cache ({exc}); delete it to rebuild") from exc
+    if arr.dtype != _NP_STORAGE[name] or arr.ndim != 3:
+        raise ValueError(f"{dest}: corrupt feature cache (dtype {arr.dtype}, shape {arr.shape}); "
+                         "delete it to rebuild")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only mapping; we never write to it
+        table = torch.from_numpy(arr)
+    return table.view(torch.bfloat16) if name == "bfloat16" else table
+
+
+def load_feature_table(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                       use_cache: bool = True) -> torch.Tensor:
+    """Read a tutorial feature file (.npy object array or .h5) as a [N+1, M, F] table.
+
+    The result is memory-mapped from the cache file (read-only); `.to(device)` copies it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"feature file not found: {path}")
+    _dtype_name(dtype)
+    dest = cache_path(path, dtype)
+    if not (use_cache and _cache_is_current(path, dest, dtype)):
+        suffix = path.suffix.lower()
+        if suffix == ".npy":
+            _convert_npy(path, dtype, dest)
+        elif suffix in (".h5", ".hdf5"):
+            _convert_h5(path, dtype, dest)
+        else:
+            raise ValueError(f"{path}: unknown feature format {suffix!r}; expected .npy or .h5")
+    return _open_cache(dest, dtype)
+
+
+def feature_names(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Item names (file names) stored with a feature file's cache, row i-1 for item id i."""
+    meta = json.loads(cache_path(path, dtype).with_suffix(".json").read_text())
+    return meta["names"]

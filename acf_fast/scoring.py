@@ -1,0 +1,54 @@
+"""Scoring users against the whole catalogue, blocked so memory stays bounded."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _excluded_columns(all_items: torch.Tensor, exclude: torch.Tensor, num_rows: int):
+    """(rows, cols) of excluded (user, catalogue column) pairs; id 0 in exclude means none."""
+    column_of = torch.full((int(all_items.max()) + 1,), -1, dtype=torch.long, device=all_items.device)
+    column_of[all_items] = torch.arange(all_items.numel(), device=all_items.device)
+    exclude = exclude.to(all_items.device).long()
+    if exclude.shape[0] != num_rows:
+        raise ValueError(f"exclude has {exclude.shape[0]} rows, expected {num_rows}")
+    inside = (exclude > 0) & (exclude < column_of.numel())
+    cols = torch.where(inside, column_of[exclude.clamp(0, column_of.numel() - 1)], -1)
+    rows = torch.arange(num_rows, device=all_items.device).unsqueeze(1).expand_as(cols)
+    keep = cols >= 0
+    return rows[keep], cols[keep]
+
+
+def score_catalogue(user: torch.Tensor, item_emb: torch.Tensor, all_items: torch.Tensor,
+                    model_dim: int, k: int | None = None, exclude: torch.Tensor | None = None,
+                    block_items: int = 65536):
+    """user [B, D] against item_emb[all_items] -> scores [B, N], or top-k (scores, item ids).
+
+    With k, items are scored in blocks of `block_items` and a running top-k is kept, so
+    peak memory is O(B * (block_items + k)) whatever the catalogue size.
+    `exclude` [B, E] holds item ids (0 = none) that get -inf (they rank last).
+    """
+    all_items = all_items.to(item_emb.device)
+    user = user.to(item_emb.dtype)
+    n = all_items.numel()
+    ex_rows, ex_cols = (None, None) if exclude is None else _excluded_columns(all_items, exclude, user.shape[0])
+    if k is None:
+        scores = user @ item_emb[all_items].T / model_dim
+        if ex_rows is not None:
+            scores[ex_rows, ex_cols] = float("-inf")
+        return scores
+    if not 0 < k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    best_s = user.new_full((user.shape[0], 0), float("-inf"))
+    best_i = torch.empty((user.shape[0], 0), dtype=torch.long, device=user.device)
+    for start in range(0, n, block_items):
+        ids = all_items[start:start + block_items]
+        scores = user @ item_emb[ids].T / model_dim
+        if ex_rows is not None:
+            sel = (ex_cols >= start) & (ex_cols < start + ids.numel())
+            scores[ex_rows[sel], ex_cols[sel] - start] = float("-inf")
+        cand_s = torch.cat([best_s, scores], dim=1)
+        cand_i = torch.cat([best_i, ids.expand(user.shape[0], -1)], dim=1)
+        top = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
+        best_s, best_i = top.values, cand_i.gather(1, top.indices)
+    return best_s, best_i
