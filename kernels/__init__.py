@@ -1,0 +1,1 @@
+"""Triton kernels for ACF (installed as acf_fast.kernels)."""
