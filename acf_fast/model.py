@@ -91,6 +91,19 @@ class ACF(nn.Module):
         if device is not None:
             self.to(device)
 
+    def _apply(self, fn, recurse=True):
+        """Device moves and dtype casts reach the feature table, except that a 16-bit table
+        stays 16-bit (halving its memory is why it was asked for); no temporary copy of
+        the table in another dtype is made."""
+        table = self._buffers.pop("feature_table")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            target = fn(torch.empty(0, dtype=table.dtype, device=table.device))
+            dtype = table.dtype if table.dtype in (torch.float16, torch.bfloat16) else target.dtype
+            self._buffers["feature_table"] = table.to(device=target.device, dtype=dtype)
+        return self
+
     # ------------------------------------------------------------------ properties
     @property
     def num_users(self) -> int:
