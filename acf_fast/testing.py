@@ -64,7 +64,11 @@ def random_batch(model: ACF, batch: int = 8, max_profile: int = 9, seed: int = 0
     g = torch.Generator().manual_seed(seed)
     n_items, n_users = model.num_items, model.num_users
     if lengths is None:
+        if not duplicates:
+            max_profile = min(max_profile, n_items)
         lengths = torch.randint(0, max_profile + 1, (batch,), generator=g).tolist()
+    elif not duplicates and max(lengths) > n_items:
+        raise ValueError(f"a profile of {max(lengths)} distinct items needs more than {n_items} items")
     p = max(max(lengths), 1)
     profile = torch.zeros(batch, p, dtype=torch.long)
     for b, n in enumerate(lengths):

@@ -1,0 +1,77 @@
+"""Bad input at the public boundary gets a clear TypeError/ValueError, never a crash or NaN."""
+
+import pytest
+import torch
+
+from acf_fast import ACF
+from acf_fast.testing import random_batch, random_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(n_users=4, n_items=10, d=8, f=6, m=4)
+
+
+def call(model, **override):
+    b = random_batch(model, batch=3, lengths=[2, 1, 0])
+    args = dict(user_ids=b.user_ids, profile_ids=b.profile_ids, pos=b.pos, neg=b.neg,
+                profile_mask=b.profile_mask)
+    args.update(override)
+    return model(**args)
+
+
+@pytest.mark.parametrize("override, error, message", [
+    (dict(user_ids=torch.tensor([0, 1, 4])), ValueError, r"user_ids contains id 4, expected ids in \[0, 3\]"),
+    (dict(user_ids=torch.tensor([0, -1, 2])), ValueError, "user_ids contains id -1"),
+    (dict(pos=torch.tensor([1, 2, 11])), ValueError, r"pos contains id 11, expected ids in \[0, 10\]"),
+    (dict(neg=torch.tensor([-3, 2, 1])), ValueError, "neg contains id -3"),
+    (dict(profile_ids=torch.tensor([[1, 12], [0, 0], [0, 0]])), ValueError, "profile_ids contains id 12"),
+    (dict(user_ids=torch.tensor([0.0, 1.0, 2.0])), TypeError, "user_ids must be an int64 or int32"),
+    (dict(user_ids=[0, 1, 2]), TypeError, "user_ids must be a torch.Tensor"),
+    (dict(profile_ids=torch.tensor([1, 2, 3])), ValueError, "profile_ids must have 2 dimension"),
+    (dict(pos=torch.tensor([1, 2])), ValueError, "same length"),
+    (dict(profile_mask=torch.ones(3, 5, dtype=torch.bool)), ValueError, "profile_mask has shape"),
+    (dict(profile_mask=torch.ones(3, 2)), TypeError, "profile_mask must be bool"),
+])
+def test_bad_batches(model, override, error, message):
+    with pytest.raises(error, match=message):
+        call(model, **override)
+
+
+def test_mask_disagreeing_with_padding(model):
+    b = random_batch(model, batch=2, lengths=[2, 1])
+    with pytest.raises(ValueError, match="disagrees with profile_ids"):
+        model(b.user_ids, b.profile_ids, b.pos, b.neg, torch.ones_like(b.profile_mask))
+
+
+def test_integer_mask_and_int32_ids_are_accepted(model):
+    b = random_batch(model, batch=3, lengths=[2, 1, 0])
+    want = model(*b)
+    got = model(b.user_ids.int(), b.profile_ids.int(), b.pos.int(), b.neg.int(), b.profile_mask.int())
+    torch.testing.assert_close(got, want)
+
+
+def test_non_contiguous_inputs(model):
+    b = random_batch(model, batch=4, lengths=[2, 1, 0, 2])
+    prof = b.profile_ids.T.contiguous().T  # same values, transposed strides
+    assert not prof.is_contiguous()
+    torch.testing.assert_close(model(b.user_ids, prof, b.pos, b.neg), model(*b))
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="exactly one of"):
+        ACF(3, 5)
+    with pytest.raises(ValueError, match="unknown backend"):
+        ACF(3, 5, features=torch.rand(5, 49, 4), backend="cuda-magic")
+    with pytest.raises(ValueError, match="input_feature_dim=8 but the features have 4"):
+        ACF(3, 5, features=torch.rand(5, 49, 4), input_feature_dim=8)
+    with pytest.raises(TypeError, match="floating-point"):
+        ACF(3, 5, features=torch.ones(5, 49, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="negative id"):
+        ACF([0, -1], 5, features=torch.rand(5, 49, 4))
+
+
+def test_recommend_all_bad_k(model):
+    b = random_batch(model, batch=2)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 10\]"):
+        model.recommend_all(b.user_ids, b.profile_ids, k=11)
