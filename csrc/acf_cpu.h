@@ -1,0 +1,39 @@
+// Shared pieces of the CPU backend: the W_red reduction per distinct item
+// (acf_cpu_reduce.cpp) and the fused two-level attention (acf_cpu_attention.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace acf_fast {
+
+// R[k] = table[items[k]] @ W^T + b for each distinct item: [K, M, D] in W's dtype.
+at::Tensor reduce_items_cpu(const at::Tensor& table, const at::Tensor& items,
+                            const at::Tensor& weight, const at::Tensor& bias);
+
+// (dW [D, F], db [D]) for grad = dL/dR [K, M, D].
+std::tuple<at::Tensor, at::Tensor> reduce_items_backward_cpu(const at::Tensor& grad,
+                                                             const at::Tensor& table,
+                                                             const at::Tensor& items,
+                                                             const at::Tensor& weight);
+
+// Both attention levels and the user vector, per (user, slot), without materialising
+// [B, P, M, H]. xy [K, M, H + D] holds per distinct item W2x r + b2x (first H columns)
+// and W1x r (last D columns). Returns (user [B, D], alpha [B, P], beta [B, P, M]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(
+    const at::Tensor& xy, const at::Tensor& uc, const at::Tensor& ut, const at::Tensor& pp,
+    const at::Tensor& prof, const at::Tensor& slot_item, const at::Tensor& w2,
+    const at::Tensor& c2, const at::Tensor& w1, const at::Tensor& c1);
+
+// Gradients of attention_cpu's inputs (xy, uc, ut, pp, prof, w2, c2, w1, c1) from
+// gradients of its three outputs, recomputed from the saved softmaxes alpha and beta.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+attention_backward_cpu(const at::Tensor& g_user, const at::Tensor& g_alpha,
+                       const at::Tensor& g_beta, const at::Tensor& xy, const at::Tensor& uc,
+                       const at::Tensor& ut, const at::Tensor& pp, const at::Tensor& prof,
+                       const at::Tensor& slot_item, const at::Tensor& w2, const at::Tensor& w1,
+                       const at::Tensor& alpha, const at::Tensor& beta);
+
+}  // namespace acf_fast
