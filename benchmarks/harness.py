@@ -1,0 +1,151 @@
+"""Shared pieces of the benchmarks: the Wikimedia-shaped workload, one training step,
+peak-memory measurement, and the same-run ratio table.
+
+Baselines come from acf_fast.testing (the same builders the tests use), never rewritten.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+
+import torch
+
+from acf_fast.losses import warp_loss
+from acf_fast.testing import random_features, random_model, wikimedia_batch
+
+# SPEC.md "Cost": B = 128, P <= 9 (lengths 0..9), M = 49, F = 2048, D = 128; 1,000 items.
+WIKIMEDIA = dict(n_users=1079, n_items=1000, m=49, f=2048, d=128)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+_FEATURES: dict = {}
+
+
+def wikimedia_model(backend: str, feature_dtype: torch.dtype, dev=None, **shape):
+    """The benchmark model; the random feature tensor is built once per process."""
+    s = {**WIKIMEDIA, **shape}
+    key = (s["n_items"], s["m"], s["f"])
+    if key not in _FEATURES:
+        _FEATURES[key] = random_features(s["n_items"], s["m"], s["f"], seed=1)
+    model = random_model(n_users=s["n_users"], n_items=s["n_items"], m=s["m"], f=s["f"], d=s["d"],
+                         backend=backend, feature_dtype=feature_dtype, features=_FEATURES[key])
+    return model.to(dev or device())
+
+
+def make_training_step(backend: str, feature_dtype: torch.dtype, batch: int = 128,
+                       compile: bool = False, dev=None):
+    """A closure running forward, WARP loss, backward and Adam on a fixed batch."""
+    model = wikimedia_model(backend, feature_dtype, dev)
+    data = wikimedia_batch(model, batch=batch)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
+    fwd = torch.compile(model) if compile else model
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        pos, neg = fwd(*data)
+        loss = warp_loss(pos, neg)
+        loss.backward()
+        opt.step()
+        if data.user_ids.is_cuda:
+            torch.cuda.synchronize()
+        return loss
+
+    return step
+
+
+# ---------------------------------------------------------------- peak memory
+def _status_kb(field_name: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def cpu_step_peak_bytes(step) -> int | None:
+    """Peak resident memory one (already warmed-up) step adds, from Linux's VmHWM.
+
+    Writing 5 to /proc/self/clear_refs resets the high-water mark to the current RSS, so
+    the setup's own peak (building features, compiling) does not hide the step's.
+    Returns None where /proc is not Linux's.
+    """
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        before = _status_kb("VmRSS")
+    except OSError:
+        return None
+    step()
+    return max(_status_kb("VmHWM") - before, 0) * 1024
+
+
+def step_peak_bytes(step) -> int | None:
+    """Peak memory added by one step on the benchmark device (step must be warmed up)."""
+    return cuda_step_peak_bytes(step) if device().type == "cuda" else cpu_step_peak_bytes(step)
+
+
+def cuda_step_peak_bytes(step) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+# ---------------------------------------------------------------- results table
+@dataclass
+class Row:
+    group: str       # rows compared with each other, e.g. "train step fp32 B=128"
+    name: str        # backend label, e.g. "reference", "reference+compile", "cpu"
+    seconds: float   # median seconds per call
+    peak_bytes: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+ROWS: list[Row] = []
+BASELINE = "reference"
+
+
+def record(group: str, name: str, benchmark=None, seconds: float | None = None,
+           peak_bytes: int | None = None, **extra) -> None:
+    """Add a row; `benchmark` is pytest-benchmark's fixture after it has run."""
+    if seconds is None:
+        seconds = benchmark.stats.stats.median
+    ROWS.append(Row(group, name, seconds, peak_bytes, extra))
+
+
+def table() -> str:
+    lines = [f"machine: {machine()}; torch {torch.__version__}",
+             f"{'group':34s} {'backend':20s} {'median':>10s} {'vs ref':>8s} {'peak MB':>9s}  notes"]
+    groups: dict[str, list[Row]] = {}
+    for r in ROWS:
+        groups.setdefault(r.group, []).append(r)
+    for g, rows in groups.items():
+        base = next((r.seconds for r in rows if r.name == BASELINE), None)
+        for r in rows:
+            ratio = f"{base / r.seconds:7.2f}x" if base else "      -"
+            peak = f"{r.peak_bytes / 2**20:9.1f}" if r.peak_bytes is not None else "        -"
+            notes = " ".join(f"{k}={v}" for k, v in r.extra.items())
+            lines.append(f"{g:34s} {r.name:20s} {r.seconds * 1e3:8.2f}ms {ratio} {peak}  {notes}")
+    return "\n".join(lines)
