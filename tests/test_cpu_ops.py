@@ -1,0 +1,120 @@
+"""The CPU backend's native ops on their own: float64 gradcheck and torch.library.opcheck."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from acf_fast import _ext
+from acf_fast.testing import random_batch, random_model
+
+_reason = _ext._load()[1]
+pytestmark = pytest.mark.skipif(_reason is not None, reason=f"cpu backend unavailable: {_reason}")
+
+if _reason is None:
+    from acf_fast import cpu_ops
+    cpu_ops.register()
+
+
+def attention_inputs(dtype=torch.float64, b=4, p=3, k=5, m=4, h=6, d=5, seed=0,
+                     slots=((0, 1, -1), (-1, -1, -1), (2, 2, 4), (3, -1, -1))):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    slot_item = torch.tensor(slots, dtype=torch.long)[:b, :p]
+    prof = r(b, p, d) * (slot_item >= 0).unsqueeze(-1)
+    return (r(k, m, h + d), r(b, h), r(b, d), r(b, p, d), prof, slot_item,
+            r(h), r(1), r(d), r(1))
+
+
+def test_attention_gradcheck():
+    """Every input, through all three outputs (user, alpha and beta)."""
+    inputs = attention_inputs()
+    diff = [i for i, t in enumerate(inputs) if t.is_floating_point()]
+    leaves = [t.clone().requires_grad_(i in diff) for i, t in enumerate(inputs)]
+
+    def f(*xs):
+        args = list(leaves)
+        for i, x in zip(diff, xs):
+            args[i] = x
+        return cpu_ops.acf_attention(*args)
+
+    assert torch.autograd.gradcheck(f, [leaves[i] for i in diff])
+
+
+def test_reduce_items_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    table = torch.randn(7, 3, 5, generator=g, dtype=torch.float64)
+    items = torch.tensor([1, 4, 6])
+    w = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, b: cpu_ops.reduce_items(table, items, w, b), (w, b))
+    torch.testing.assert_close(cpu_ops.reduce_items(table, items, w, b),
+                               F.linear(table[items], w, b))
+
+
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reduce_items_chunks_and_dtypes(table_dtype):
+    """More items than one gather chunk (32), each table dtype, float32 out and gradient."""
+    g = torch.Generator().manual_seed(2)
+    table = torch.randn(90, 4, 48, generator=g).to(table_dtype)
+    items = torch.randperm(90, generator=g)[:70]
+    w = torch.randn(12, 48, generator=g, requires_grad=True)
+    b = torch.randn(12, generator=g, requires_grad=True)
+    out = cpu_ops.reduce_items(table, items, w, b)
+    assert out.dtype == torch.float32
+    # bf16 GEMM rounds W to bf16 as well; fp16 and fp32 tables are exact in float32
+    wq = w.detach().to(table_dtype).float() if table_dtype == torch.bfloat16 else w.detach()
+    expect = F.linear(table[items].float(), wq, b.detach())
+    torch.testing.assert_close(out.detach(), expect, rtol=1e-5, atol=1e-4)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    gq = grad.to(table_dtype).float() if table_dtype == torch.bfloat16 else grad
+    dw = gq.reshape(-1, 12).T @ table[items].float().reshape(-1, 48)
+    torch.testing.assert_close(w.grad, dw, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(b.grad, grad.sum((0, 1)), rtol=1e-5, atol=1e-4)
+
+
+def test_backend_gradcheck_every_parameter():
+    """float64 gradcheck of the whole cpu backend over every parameter (profiles with
+    padding, an empty one, a single item and duplicates)."""
+    model = random_model(n_users=4, n_items=6, m=3, f=5, d=4, backend="cpu", dtype=torch.float64)
+    batch = random_batch(model, batch=4, seed=2, lengths=[3, 0, 1, 4], duplicates=True)
+    # w_v is never used (SPEC); leaving it out halves the time
+    named = [(n, p) for n, p in model.named_parameters() if ".w_v." not in n]
+    names = [n for n, _ in named]
+    params = tuple(p.detach().clone().requires_grad_(True) for _, p in named)
+    both = _ScoresAndAttentions(model)
+
+    def f(*flat):
+        return functional_call(both, {f"model.{n}": p for n, p in zip(names, flat)}, tuple(batch))
+
+    assert torch.autograd.gradcheck(f, params, fast_mode=True)
+
+
+class _ScoresAndAttentions(torch.nn.Module):
+    """forward = the model's scores plus user vectors and both attentions."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, user_ids, profile_ids, pos, neg, profile_mask):
+        scores = self.model(user_ids, profile_ids, pos, neg, profile_mask)
+        return (*scores, *self.model.user_vectors(user_ids, profile_ids, profile_mask,
+                                                  return_attentions=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_attention(dtype):
+    inputs = attention_inputs(dtype)
+    args = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    torch.library.opcheck(torch.ops.acf_fast.acf_attention.default, args)
+
+
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_reduce_items(table_dtype):
+    table = torch.randn(9, 3, 8).to(table_dtype)
+    items = torch.tensor([2, 5, 8])
+    w = torch.randn(4, 8, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    torch.library.opcheck(torch.ops.acf_fast.reduce_items.default, (table, items, w, b))
