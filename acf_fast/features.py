@@ -36,7 +36,7 @@ def cache_path(source: str | os.PathLike, dtype: torch.dtype) -> Path:
 
 
 def _check_finite(block: torch.Tensor, first_item_row: int, source) -> None:
-    bad = ~torch.isfinite(block.reshape(block.shape[0], -1)).all(dim=1)
+    bad = ~torch.isfinite(block).flatten(1).all(dim=1)
     if bad.any():
         row = first_item_row + int(bad.nonzero()[0, 0])
         raise ValueError(f"{source}: features of item row {row} (item id {row + 1}) "
@@ -134,7 +134,10 @@ def _convert_npy(path: Path, dtype: torch.dtype, dest: Path) -> None:
     _write_cache(dest, arr.shape[0], GRID * GRID, first.shape[0], dtype, _npy_blocks(arr), meta)
 
 
-def _convert_h5(path: Path, dtype: torch.dtype, dest: Path, chunk: int = 256) -> None:
+CHUNK_BYTES = 8 * 2**20  # .h5 rows read per step: bounded, whatever the table size
+
+
+def _convert_h5(path: Path, dtype: torch.dtype, dest: Path) -> None:
     import h5py
 
     try:
@@ -151,6 +154,7 @@ def _convert_h5(path: Path, dtype: torch.dtype, dest: Path, chunk: int = 256) ->
         names = ([x.decode() if isinstance(x, bytes) else str(x) for x in fh["image_filenames"][:]]
                  if "image_filenames" in fh else [str(i) for i in range(n)])
         meta = _meta(path, dtype, names)
+        chunk = max(1, CHUNK_BYTES // (4 * ds.shape[1] * GRID * GRID))
 
         def blocks():
             for s in range(0, n, chunk):
