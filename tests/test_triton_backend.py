@@ -1,0 +1,199 @@
+"""The Triton backend against the reference backend: outputs and every parameter gradient.
+
+Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (how CI runs it: the kernels
+really execute, in numpy). Shapes are small because the interpreter runs every
+program instance one after another.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from acf_fast.backend import triton_interpreter_on  # noqa: E402
+
+if not (torch.cuda.is_available() or triton_interpreter_on()):
+    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+
+from acf_fast import ACF  # noqa: E402
+from acf_fast.backends import triton as triton_backend  # noqa: E402
+from acf_fast.testing import random_batch, random_model, same_model  # noqa: E402
+
+DEVICE = "cpu" if triton_interpreter_on() else "cuda"
+# (atol, rtol) per parameter dtype; fp32 sums run in another order than the reference's
+TOL = {torch.float32: (2e-5, 2e-4), torch.float64: (1e-11, 1e-9)}
+
+
+def twins(dtype=torch.float32, **shape):
+    ref = random_model(dtype=dtype, **shape).to(DEVICE)
+    return ref, same_model(ref, "triton")
+
+
+def loss_weights(batch, d, dtype, seed=0):
+    """Random cotangents, so pos, neg and user gradients all differ."""
+    g = torch.Generator().manual_seed(seed)
+    b = batch.user_ids.shape[0]
+    return [t.to(DEVICE, dtype) for t in
+            (torch.randn(b, generator=g), torch.randn(b, generator=g), torch.randn(b, d, generator=g))]
+
+
+def run(model, batch, weights):
+    """Scores, user vectors and attentions of one model, plus every parameter gradient."""
+    wp, wn, wu = weights
+    model.zero_grad(set_to_none=True)
+    pos, neg = model(*batch)
+    user, alpha, beta = model.user_vectors(batch.user_ids, batch.profile_ids, return_attentions=True)
+    ((pos * wp).sum() + (neg * wn).sum() + (user * wu).sum()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return (pos, neg, user, alpha, beta), grads
+
+
+def assert_backends_agree(ref, tri, batch, dtype=torch.float32):
+    assert tri.resolved_backend() == "triton" and ref.resolved_backend() == "reference"
+    weights = loss_weights(batch, ref.model_dim, dtype)
+    out_r, grad_r = run(ref, batch, weights)
+    out_t, grad_t = run(tri, batch, weights)
+    atol, rtol = TOL[dtype]
+    for name, a, b in zip(("pos", "neg", "user", "alpha", "beta"), out_t, out_r):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        assert torch.isfinite(a).all(), name
+    for name, g_ref in grad_r.items():
+        g_tri = grad_t[name]
+        if g_ref is None:  # w_v: created, never used
+            assert g_tri is None, name
+            continue
+        assert g_tri is not None, name
+        scale = max(1.0, float(g_ref.abs().max()))
+        torch.testing.assert_close(g_tri, g_ref, atol=atol * scale, rtol=rtol,
+                                   msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_odd_shapes_duplicates_and_empty_profiles():
+    # B = 7 (no block multiple), F = 24 (no power of two), M = 5, duplicates within and
+    # across profiles, lengths 0..9 (some empty)
+    ref, tri = twins(n_users=6, n_items=6, m=5, f=24, d=32)
+    batch = random_batch(ref, batch=7, max_profile=9, seed=4, lengths=[9, 0, 3, 1, 9, 0, 5],
+                         duplicates=True)
+    assert_backends_agree(ref, tri, batch)
+
+
+def test_float64_matches_the_reference_to_rounding():
+    ref, tri = twins(torch.float64, n_users=4, n_items=6, m=5, f=12, d=16)
+    assert tri.feature_table.dtype == torch.float64
+    batch = random_batch(ref, batch=3, max_profile=4, seed=5, lengths=[4, 0, 2], duplicates=True)
+    assert_backends_agree(ref, tri, batch, torch.float64)
+
+
+def test_grid_of_49_components_and_d64():
+    ref, tri = twins(n_users=5, n_items=9, m=49, f=20, d=64)
+    assert_backends_agree(ref, tri, random_batch(ref, batch=5, max_profile=4, seed=1))
+
+
+def test_d256():
+    ref, tri = twins(n_users=4, n_items=8, m=7, f=33, d=256)
+    assert_backends_agree(ref, tri, random_batch(ref, batch=3, max_profile=3, seed=2,
+                                                 lengths=[3, 1, 2]))
+
+
+def test_single_slot_profiles():
+    ref, tri = twins(n_users=5, n_items=7, m=4, f=16, d=16)
+    batch = random_batch(ref, batch=5, seed=3, lengths=[1, 0, 1, 1, 0])
+    assert batch.profile_ids.shape[1] == 1
+    assert_backends_agree(ref, tri, batch)
+
+
+def test_all_profiles_empty():
+    ref, tri = twins(n_users=4, n_items=5, m=3, f=8, d=16)
+    batch = random_batch(ref, batch=3, seed=0, lengths=[0, 0, 0])
+    assert_backends_agree(ref, tri, batch)
+    _, alpha, _ = tri.user_vectors(batch.user_ids, batch.profile_ids, return_attentions=True)
+    assert torch.equal(alpha, torch.zeros_like(alpha))
+
+
+def test_same_item_everywhere():
+    ref, tri = twins(n_users=3, n_items=5, m=3, f=12, d=16)
+    ids = torch.tensor([[3, 3, 3], [3, 5, 0], [0, 0, 0], [5, 3, 3]], device=DEVICE)
+    batch = random_batch(ref, batch=4, seed=5, lengths=[3, 3, 3, 3], duplicates=True)
+    batch = batch._replace(profile_ids=ids, profile_mask=ids != 0)
+    assert_backends_agree(ref, tri, batch)
+
+
+@pytest.mark.parametrize("feature_dtype", [torch.float16, torch.bfloat16])
+def test_16bit_feature_table(feature_dtype):
+    ref, tri = twins(n_users=5, n_items=8, m=6, f=40, d=32)
+    ref16 = random_model(n_users=5, n_items=8, m=6, f=40, d=32,
+                         feature_dtype=feature_dtype).to(DEVICE)
+    assert ref16.feature_table.dtype == feature_dtype
+    ref16.load_state_dict(ref.state_dict())
+    tri16 = same_model(ref16, "triton")
+    assert_backends_agree(ref16, tri16, random_batch(ref16, batch=6, seed=6))
+
+
+def test_untied_profile_embedding():
+    torch.manual_seed(0)
+    feats = torch.rand(6, 4, 12)
+    ref = ACF(4, 6, features=feats, model_dim=16, tied_item_embedding=False,
+              backend="reference").to(DEVICE)
+    tri = same_model(ref, "triton")
+    assert ref.user_model.profile_embedding is not ref.item_model
+    assert_backends_agree(ref, tri, random_batch(ref, batch=4, seed=7))
+
+
+def test_attentions_zero_on_padding_and_sum_to_one():
+    _, tri = twins(n_users=4, n_items=6, m=5, f=10, d=16)
+    batch = random_batch(tri, batch=4, seed=8, lengths=[2, 0, 4, 1])
+    _, alpha, beta = tri.user_vectors(batch.user_ids, batch.profile_ids, return_attentions=True)
+    mask = batch.profile_mask
+    assert torch.all(alpha[~mask] == 0) and torch.all(beta[~mask] == 0)
+    sums = alpha.sum(1)
+    torch.testing.assert_close(sums[mask.any(1)], torch.ones_like(sums[mask.any(1)]))
+    torch.testing.assert_close(beta[mask].sum(-1), torch.ones(int(mask.sum()), device=DEVICE))
+    user, a2, b2 = tri.user_vectors(batch.user_ids, batch.profile_ids)
+    assert a2 is None and b2 is None
+
+
+def test_deterministic_mode_matches_and_repeats(monkeypatch):
+    ref, tri = twins(n_users=4, n_items=5, m=3, f=8, d=16)
+    batch = random_batch(ref, batch=3, seed=9, lengths=[3, 2, 3], duplicates=True)
+    weights = loss_weights(batch, 16, torch.float32)
+    _, fast = run(tri, batch, weights)
+    monkeypatch.setenv("ACF_FAST_DETERMINISTIC", "1")
+    _, det1 = run(tri, batch, weights)
+    _, det2 = run(tri, batch, weights)
+    for name, g in fast.items():
+        if g is None:
+            continue
+        assert torch.equal(det1[name], det2[name]), name
+        torch.testing.assert_close(det1[name], g, atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    if DEVICE != "cpu":
+        pytest.skip("CPU tensors only reach the kernels under the interpreter")
+    _, tri = twins(n_users=3, n_items=4, m=2, f=4, d=16)
+    batch = random_batch(tri, batch=2, seed=0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        tri(*batch)
+
+
+def test_scores_flow_into_training():
+    """A few SGD steps of the fused path follow the reference's trajectory.
+
+    (SGD, not Adam: Adam turns rounding noise in a near-zero gradient into a full step.)"""
+    ref, tri = twins(n_users=4, n_items=6, m=4, f=8, d=16)
+    batch = random_batch(ref, batch=5, seed=10)
+    losses = []
+    for model in (ref, tri):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(3):
+            opt.zero_grad()
+            pos, neg = model(*batch)
+            loss = torch.sigmoid(neg - pos).mean()
+            loss.backward()
+            opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-6)
+    for (n, a), b in zip(ref.named_parameters(), tri.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=lambda m: f"{n}: {m}")
