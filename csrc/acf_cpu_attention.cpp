@@ -52,8 +52,11 @@ Dims check_attention(const at::Tensor& xy, const at::Tensor& uc, const at::Tenso
   return d;
 }
 
+// The hot loops take __restrict pointers: Python's build flags include
+// -fno-strict-aliasing, under which GCC otherwise assumes a float store may change the
+// pointers captured by the parallel_for lambdas and gives up vectorising.
 template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
@@ -62,7 +65,7 @@ inline T dot(const T* a, const T* b, int64_t n) {
 
 // w . relu(a + b): the component-attention score before c2.
 template <typename T>
-inline T relu_dot(const T* a, const T* b, const T* w, int64_t n) {
+inline T relu_dot(const T* __restrict a, const T* __restrict b, const T* __restrict w, int64_t n) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) {
@@ -72,7 +75,34 @@ inline T relu_dot(const T* a, const T* b, const T* w, int64_t n) {
   return s;
 }
 
-// In place softmax of x[0:n]; returns nothing, n >= 1.
+// out += g * x
+template <typename T>
+inline void axpy(T* __restrict out, T g, const T* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] += g * x[j];
+}
+
+// v = a + b; out += [v > 0] g w  (and, when part is given, part += [v > 0] g v).
+// Written with a 0/1 factor, not a branch: GCC will not speculate the product under
+// its default -ftrapping-math, and the branchy loop neither vectorises nor predicts.
+template <typename T>
+inline void relu_grad(T* __restrict out, T* __restrict part, const T* __restrict a,
+                      const T* __restrict b, const T* __restrict w, T g, int64_t n) {
+  if (part == nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] += T(a[j] + b[j] > T(0)) * (g * w[j]);
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = a[j] + b[j];
+    const T on = T(v > T(0));
+    out[j] += on * (g * w[j]);
+    part[j] += on * (g * v);
+  }
+}
+
+// In place softmax of x[0:n]; n >= 1.
 template <typename T>
 inline void softmax_inplace(T* x, int64_t n) {
   T mx = -std::numeric_limits<T>::infinity();
@@ -88,15 +118,10 @@ inline void softmax_inplace(T* x, int64_t n) {
 
 // xx[0:D] = sum_m beta[m] * y_km for item k (y rows have stride HD inside xy).
 template <typename T>
-inline void pool_y(const T* xy_k, const T* beta, const Dims& d, T* xx) {
+inline void pool_y(const T* xy_k, const T* beta, const Dims& d, T* __restrict xx) {
   const int64_t HD = d.H + d.D;
   std::fill(xx, xx + d.D, T(0));
-  for (int64_t m = 0; m < d.M; ++m) {
-    const T bm = beta[m];
-    const T* y = xy_k + m * HD + d.H;
-#pragma omp simd
-    for (int64_t j = 0; j < d.D; ++j) xx[j] += bm * y[j];
-  }
+  for (int64_t m = 0; m < d.M; ++m) axpy(xx, beta[m], xy_k + m * HD + d.H, d.D);
 }
 
 template <typename T>
@@ -145,10 +170,7 @@ void attention_forward_impl(const Dims& d, const T* xy, const T* uc, const T* ut
       for (int64_t l = 0; l < d.P; ++l) {
         al[l] *= inv;
         if (al[l] == T(0)) continue;
-        const T* pl = prof + (i * d.P + l) * d.D;
-        const T al_l = al[l];
-#pragma omp simd
-        for (int64_t j = 0; j < d.D; ++j) ui[j] += al_l * pl[j];
+        axpy(ui, al[l], prof + (i * d.P + l) * d.D, d.D);
       }
     }
   });
@@ -220,15 +242,7 @@ void attention_backward_impl(const Dims& d, const T* g_user, const T* g_alpha, c
           ge[m] = bl[m] * (gb[m] - sb);
           c_part[2 * i + 1] += ge[m];
           if (ge[m] == T(0)) continue;
-          const T gem = ge[m];
-          const T* xt = xy_k + m * HD;
-#pragma omp simd
-          for (int64_t h = 0; h < d.H; ++h) {
-            const T v = xt[h] + uci[h];
-            const bool on = v > T(0);
-            guc[h] += on ? gem * w2[h] : T(0);
-            w2p[h] += on ? gem * v : T(0);
-          }
+          relu_grad(guc, w2p, xy_k + m * HD, uci, w2, ge[m], d.H);
         }
       }
     }
@@ -253,16 +267,10 @@ void attention_backward_impl(const Dims& d, const T* g_user, const T* g_alpha, c
         const T* uci = uc + i * d.H;
         for (int64_t m = 0; m < d.M; ++m) {
           const int64_t row = (k * d.M + m) * HD;
-          const T bm = beta[sl * d.M + m];
-          T* gy = g_xy + row + d.H;
-#pragma omp simd
-          for (int64_t j = 0; j < d.D; ++j) gy[j] += bm * gz[j];
+          axpy(g_xy + row + d.H, beta[sl * d.M + m], gz, d.D);
           const T gem = g_e[sl * d.M + m];
           if (gem == T(0)) continue;
-          const T* xt = xy + row;
-          T* gxt = g_xy + row;
-#pragma omp simd
-          for (int64_t h = 0; h < d.H; ++h) gxt[h] += (xt[h] + uci[h]) > T(0) ? gem * w2[h] : T(0);
+          relu_grad<T>(g_xy + row, nullptr, xy + row, uci, w2, gem, d.H);
         }
       }
     }
