@@ -1,0 +1,265 @@
+"""Training-step benchmark on a CUDA GPU: reference vs triton backend.
+
+One step = forward (pair scores), WARP loss, backward, Adam (lr 1e-3, wd 1e-5), on the
+SPEC's workload: 1,000-item catalogue, M = 49, F = 2048, D = 128, P <= 9 with lengths
+drawn from 0..9, B = 128 and 1024, feature table resident on the GPU in fp32 or bf16.
+Matmul precision: "ieee" (torch default, no TF32) and "tf32" (allow_tf32 for both
+backends). Timing: CUDA events around each step, median of REPS after WARMUP.
+
+Prints a table (and writes it, plus JSON, under $OUT when set). Every configuration is
+wrapped in try/except: a failure is printed and the rest still runs.
+
+Roofline: the triton step's essential work is the reduction of the batch's U distinct
+items, forward and W_red's gradient: 2 x (2 U M F D) FLOPs and 2 x U M F bytes of the
+table, plus the per-item projection GEMMs; "roof" is max(bytes / HBM bandwidth,
+FLOPs / peak) with the peaks of the detected GPU (datasheet numbers, dense).
+
+Note: the reference here reads features from the GPU-resident table (the tutorial
+gathers them on the host and copies them over), so its times are a faster baseline
+than the tutorial's and the speedups below are conservative.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from harness import WIKIMEDIA, cuda_step_peak_bytes, wikimedia_model  # noqa: E402
+
+from acf_fast.losses import warp_loss  # noqa: E402
+from acf_fast.testing import wikimedia_batch  # noqa: E402
+
+# --smoke: a tiny CPU run (TRITON_INTERPRET=1) that checks this script end to end
+SMOKE = "--smoke" in sys.argv
+SHAPE = dict(n_items=20, m=4, f=16, d=16) if SMOKE else {}
+DEVICE = torch.device("cpu" if SMOKE else "cuda")
+WARMUP = int(os.environ.get("BENCH_WARMUP", 1 if SMOKE else 3))
+REPS = int(os.environ.get("BENCH_REPS", 2 if SMOKE else 15))
+BATCHES = (8,) if SMOKE else (128, 1024)
+FEATURES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = ("ieee", "tf32")
+# name fragment -> (HBM bytes/s, fp32 FLOP/s, tf32 tensor FLOP/s), dense datasheet peaks
+PEAKS = {"H200": (4.8e12, 67e12, 495e12), "H100 PCIe": (2.0e12, 51e12, 378e12),
+         "H100": (3.35e12, 67e12, 495e12), "A100": (2.0e12, 19.5e12, 156e12),
+         "L4": (0.3e12, 30e12, 120e12), "A10": (0.6e12, 31e12, 62e12)}
+
+
+def device_name():
+    return "CPU (smoke run)" if SMOKE else torch.cuda.get_device_name()
+
+
+def peaks():
+    name = device_name()
+    for key, val in PEAKS.items():
+        if key in name:
+            return key, val
+    return None, None
+
+
+def build(backend, feature_dtype, batch_size):
+    model = wikimedia_model(backend, feature_dtype, DEVICE, **SHAPE)
+    data = wikimedia_batch(model, batch=batch_size)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        pos, neg = model(*data)
+        loss = warp_loss(pos, neg)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return model, data, step
+
+
+def time_step(step):
+    for _ in range(WARMUP):
+        step()
+    if SMOKE:
+        times = []
+        for _ in range(REPS):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(REPS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def essential_work(data, feature_dtype):
+    """(FLOPs, bytes) of the fused step's unavoidable part, for the batch's distinct items."""
+    U = int(torch.unique(data.profile_ids[data.profile_mask]).numel())
+    shape = {**WIKIMEDIA, **SHAPE}
+    M, F, D = shape["m"], shape["f"], shape["d"]
+    elem = torch.finfo(feature_dtype).bits // 8
+    flops = 2 * (2 * U * M * F * D) + 4 * (2 * U * M * D * D)  # reduce fwd+dW, xr fwd/bwd GEMMs
+    bytes_ = 2 * U * M * F * elem + 8 * U * M * D * 4          # table twice, r/xr/dr/dxr traffic
+    return U, flops, bytes_
+
+
+def run_config(backend, fname, batch_size, precision):
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    if not SMOKE:
+        torch.cuda.empty_cache()
+    model, data, step = build(backend, FEATURES[fname], batch_size)
+    seconds = time_step(step)
+    peak = 0 if SMOKE else cuda_step_peak_bytes(step)
+    with torch.no_grad():
+        pos, _ = model(*data)
+    return seconds, peak, pos.float().cpu(), data
+
+
+def main():
+    if not (SMOKE or torch.cuda.is_available()):
+        print("gpu_bench: no CUDA device; nothing to do (--smoke runs a tiny CPU check)")
+        return 0
+    gpu, peak_rates = peaks()
+    header = (f"device: {device_name()} (peaks used: {gpu or 'unknown'}); "
+              f"torch {torch.__version__}; triton {_triton_version()}; warmup {WARMUP}, reps {REPS}")
+    lines = [header,
+             f"{'features':8s} {'B':>5s} {'matmul':6s} {'backend':10s} {'ms/step':>9s} {'speedup':>8s} "
+             f"{'peak MB':>9s} {'mem/ref':>8s} {'U':>5s} {'GB/s':>8s} {'TFLOP/s':>8s} {'roof ms':>8s} "
+             f"{'x roof':>7s} {'max|dpos|':>10s}"]
+    print("\n".join(lines), flush=True)
+    results = []
+    for fname in FEATURES:
+        for batch_size in BATCHES:
+            for precision in PRECISIONS:
+                base = {}
+                for backend in ("reference", "triton"):
+                    row = dict(features=fname, batch=batch_size, matmul=precision, backend=backend)
+                    try:
+                        t0 = time.time()
+                        seconds, peak, pos, data = run_config(backend, fname, batch_size,
+                                                              precision)
+                        row.update(seconds=seconds, peak_bytes=peak, wall=time.time() - t0)
+                        U, flops, bytes_ = essential_work(data, FEATURES[fname])
+                        row.update(distinct_items=U, flops=flops, bytes=bytes_)
+                        if backend == "reference":
+                            base = dict(seconds=seconds, peak=peak, pos=pos)
+                        line = format_row(row, base, pos, peak_rates, precision)
+                    except Exception as exc:  # keep going: one broken config must not hide the rest
+                        traceback.print_exc()
+                        row["error"] = f"{type(exc).__name__}: {exc}"
+                        line = (f"{fname:8s} {batch_size:5d} {precision:6s} {backend:10s} "
+                                f"FAILED: {row['error'][:150]}")
+                    results.append(row)
+                    lines.append(line)
+                    print(line, flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for section in (kernel_resources, profile_triton_step):
+        try:
+            text = section()
+        except Exception as exc:
+            traceback.print_exc()
+            text = f"{section.__name__} failed: {type(exc).__name__}: {exc}"
+        print(text, flush=True)
+        lines += ["", text]
+    write_out("\n".join(lines), results)
+    return 0
+
+
+def kernel_resources():
+    """Registers, spills and shared memory of every compiled kernel variant (real GPUs only)."""
+    import importlib
+    rows = ["kernel variants compiled in this run: name, warps, shared bytes, registers, spills"]
+    for mod in ("reduce", "component_attention", "item_attention"):
+        module = importlib.import_module(f"acf_fast.kernels.{mod}")
+        for name, fn in sorted(vars(module).items()):
+            caches = getattr(fn, "device_caches", None)
+            if not name.endswith("_kernel") or caches is None:
+                continue
+            for cache in caches.values():
+                kernels = cache[0] if isinstance(cache, tuple) else cache
+                for compiled in kernels.values():
+                    if hasattr(compiled, "_init_handles"):
+                        compiled._init_handles()
+                    meta = compiled.metadata
+                    rows.append(f"  {name:30s} warps={getattr(meta, 'num_warps', '?')} "
+                                f"shared={getattr(meta, 'shared', '?')} "
+                                f"regs={getattr(compiled, 'n_regs', '?')} "
+                                f"spills={getattr(compiled, 'n_spills', '?')}")
+    return "\n".join(rows)
+
+
+def profile_triton_step():
+    """Where the fused step's GPU time goes (bf16 features, B = 128, no TF32)."""
+    if SMOKE:
+        return "profile: skipped in the smoke run"
+    from torch.profiler import ProfilerActivity, profile
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _, _, step = build("triton", torch.bfloat16, 128)
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    for key in ("self_cuda_time_total", "self_device_time_total"):
+        try:
+            return ("profile of 5 triton steps (bf16, B=128):\n"
+                    + averages.table(sort_by=key, row_limit=18, max_name_column_width=60))
+        except Exception:
+            continue
+    return averages.table(row_limit=18)
+
+
+def format_row(row, base, pos, peak_rates, precision):
+    s = row["seconds"]
+    speed = base["seconds"] / s if base else float("nan")
+    mem = row["peak_bytes"] / base["peak"] if base and base.get("peak") else float("nan")
+    gbs = row["bytes"] / s / 1e9
+    tfs = row["flops"] / s / 1e12
+    roof_ms, x_roof = float("nan"), float("nan")
+    if peak_rates and row["backend"] == "triton":
+        bw, fp32, tf32 = peak_rates
+        roof = max(row["bytes"] / bw, row["flops"] / (tf32 if precision == "tf32" else fp32))
+        roof_ms, x_roof = roof * 1e3, s / roof
+    dpos = float((pos - base["pos"]).abs().max()) if base and "pos" in base else float("nan")
+    return (f"{row['features']:8s} {row['batch']:5d} {precision:6s} {row['backend']:10s} "
+            f"{s * 1e3:9.3f} {speed:7.2f}x {row['peak_bytes'] / 2**20:9.1f} {mem:8.3f} "
+            f"{row['distinct_items']:5d} {gbs:8.1f} {tfs:8.2f} {roof_ms:8.3f} {x_roof:7.2f} "
+            f"{dpos:10.2e}")
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except Exception:
+        return "missing"
+
+
+def write_out(text, results):
+    out = os.environ.get("OUT")
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu_bench.txt"), "w") as fh:
+        fh.write(text + "\n")
+    with open(os.path.join(out, "gpu_bench.json"), "w") as fh:
+        json.dump(results, fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
