@@ -19,8 +19,8 @@ std::tuple<at::Tensor, at::Tensor> reduce_items_backward_cpu(const at::Tensor& g
                                                              const at::Tensor& weight);
 
 // Both attention levels and the user vector, per (user, slot), without materialising
-// [B, P, M, H]. xy [K, M, H + D] holds per distinct item W2x r + b2x (first H columns)
-// and W1x r (last D columns). Returns (user [B, D], alpha [B, P], beta [B, P, M]).
+// [B, P, M, H]. xy [K, M, H + D] holds per distinct item W2x r (first H columns) and
+// W1x r (last D columns); the biases b2x and b1x come in through uc and pp. Returns (user [B, D], alpha [B, P], beta [B, P, M]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(
     const at::Tensor& xy, const at::Tensor& uc, const at::Tensor& ut, const at::Tensor& pp,
     const at::Tensor& prof, const at::Tensor& slot_item, const at::Tensor& w2,

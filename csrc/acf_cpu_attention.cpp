@@ -1,9 +1,9 @@
 // Both attention levels of ACF (SPEC steps 2-5) fused into one pass per user.
 //
 // Everything that does not depend on the (user, slot) pair is precomputed by GEMMs
-// outside (per distinct item k: xt_k = W2x r_k + b2x and y_k = W1x r_k, packed as
-// xy [K, M, H + D]; per user: uc = W2u u + b2u and ut = W1u u + b1u; per slot:
-// pp = W1p p + b1p + b1x). Since W1x xbar = sum_m beta_m W1x r_m, the pooled
+// outside (per distinct item k: xt_k = W2x r_k and y_k = W1x r_k, packed as
+// xy [K, M, H + D]; per user: uc = W2u u + b2u + b2x and ut = W1u u + b1u; per slot:
+// pp = W1p p + b1p + b1x: each bias goes where it costs least). Since W1x xbar = sum_m beta_m W1x r_m, the pooled
 // feature enters the item attention through y and xbar itself is never needed.
 // What is left per (user i, slot l, component m) is relu + dot + softmax, done
 // here in registers: the [B, P, M, H] hidden activations are never stored.
@@ -260,6 +260,9 @@ void attention_backward_impl(const Dims& d, const T* g_user, const T* g_alpha, c
   }
   at::parallel_for(0, d.K, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
+      // zeroed here, not up front: the block is about to be accumulated into, so this
+      // costs no extra pass over memory
+      std::fill(g_xy + k * d.M * HD, g_xy + (k + 1) * d.M * HD, T(0));
       for (int64_t o = start[k]; o < start[k + 1]; ++o) {
         const int64_t sl = order[o];
         const int64_t i = sl / d.P;
@@ -328,7 +331,7 @@ attention_backward_cpu(const at::Tensor& g_user, const at::Tensor& g_alpha,
   auto gu = c(g_user), ga = c(g_alpha), gbt = c(g_beta), xy_c = c(xy), uc_c = c(uc), ut_c = c(ut);
   auto pp_c = c(pp), prof_c = c(prof), w2_c = c(w2), w1_c = c(w1), al = c(alpha), be = c(beta);
   auto slot_c = slot_item.contiguous();
-  auto g_xy = at::zeros_like(xy_c);
+  auto g_xy = at::empty_like(xy_c);
   auto g_uc = at::empty_like(uc_c), g_ut = at::empty_like(ut_c);
   auto g_pp = at::empty_like(pp_c), g_prof = at::empty_like(prof_c);
   auto g_w2 = at::zeros_like(w2_c), g_w1 = at::zeros_like(w1_c);

@@ -6,7 +6,7 @@ Plan per batch (SPEC "Cost, for orientation"):
 2. R = W_red x + b_red for those items only (acf_fast::reduce_items: chunked gather +
    GEMM, bf16 x bf16 -> fp32 for a bf16 table);
 3. the GEMMs that do not depend on the (user, slot) pair, by ATen: [W2x; W1x] R per
-   item, W2u u and W1u u per user, W1p p per slot;
+   item, W2u u and W1u u per user, W1p p per slot (biases folded where cheapest);
 4. acf_fast::acf_attention: both softmaxes and the user vector, fused per user.
 Autograd runs through ATen for the GEMMs and through the native backwards for 2 and 4.
 """
@@ -33,10 +33,12 @@ def user_vectors(model, user_ids, profile_ids, profile_mask, return_attentions=F
     w = ACFWeights.of(model)
     items, slot_item = _slot_items(profile_ids, profile_mask)
     r = cpu_ops.reduce_items(model.feature_table, items, w.red_w, w.red_b)
-    # one GEMM for both per-item projections: columns [0, H) W2x r + b2x, [H, H+D) W1x r
-    xy = F.linear(r, torch.cat([w.c_wx, w.i_wx]), torch.cat([w.c_bx, torch.zeros_like(w.i_bx)]))
+    # one GEMM for both per-item projections: columns [0, H) W2x r, [H, H+D) W1x r. No
+    # bias here (it would cost a copy of the [K, M, H + D] output): b2x only ever appears
+    # in W2x r + b2x + W2u u + b2u, so it joins b2u; b1x likewise joins b1p.
+    xy = F.linear(r, torch.cat([w.c_wx, w.i_wx]))
     u = F.embedding(user_ids, w.user_emb)
-    uc = F.linear(u, w.c_wu, w.c_bu)
+    uc = F.linear(u, w.c_wu, w.c_bu + w.c_bx)
     ut = F.linear(u, w.i_wu, w.i_bu)
     prof = F.embedding(profile_ids, w.profile_emb, padding_idx=model.pad_token)
     pp = F.linear(prof, w.i_wp, w.i_bp + w.i_bx)
