@@ -104,8 +104,12 @@ def _errors(out, grads, out64, grads64):
 @pytest.mark.parametrize("feature_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_16bit_features_error_bounded_by_reference(feature_dtype):
     """Both backends in 16-bit features against an fp64 reference on the fp32 features: the
-    cpu backend may lose at most a few times what the reference itself loses (for bf16 it
-    also rounds W_red and dL/dR to bf16 inside the GEMMs, see csrc/acf_cpu_reduce.cpp)."""
+    cpu backend may lose at most a few times what the reference itself loses.
+
+    fp16 tables are widened to fp32 before the GEMM: the same error as the reference.
+    bf16 tables go through a bf16 x bf16 -> fp32 GEMM, which also rounds W_red (forward)
+    and dL/dR (W_red's gradient) to bf16: three roundings of the same size instead of one,
+    measured at up to ~4x the reference's error here; the bound is 6x."""
     feats = random_features(40, 49, 256, seed=11)
     kw = dict(n_users=10, n_items=40, m=49, f=256, d=32, features=feats, seed=12)
     exact = random_model(**kw, dtype=torch.float64)
@@ -115,7 +119,7 @@ def test_16bit_features_error_bounded_by_reference(feature_dtype):
     out64, grads64 = run(exact, batch)
     err_ref = _errors(*run(ref16, batch), out64, grads64)
     err_cpu = _errors(*run(cpu16, batch), out64, grads64)
-    factor = 4.0 if feature_dtype == torch.bfloat16 else 2.0
+    factor = 6.0 if feature_dtype == torch.bfloat16 else 2.0
     for k, e in err_cpu.items():
         assert e <= factor * err_ref[k] + 1e-5, f"{k}: cpu {e:.2e} vs reference {err_ref[k]:.2e}"
 
