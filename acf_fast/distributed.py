@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -71,6 +71,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .losses import get_loss, sigmoid_loss
 
 TIMEOUT_ENV = "ACF_FAST_DIST_TIMEOUT_S"
+BACKEND_ENV = "ACF_FAST_DIST_BACKEND"   # e.g. gloo: several ranks sharing one GPU (tests), no NCCL
 DEFAULT_TIMEOUT_S = 1800   # torch's own default; a long feature conversion may need more
 
 
@@ -117,61 +118,65 @@ def launched_distributed() -> bool:
     return env_world_size() > 1
 
 
-def _rank_device(requested: str | torch.device | None, local_rank: int) -> torch.device:
-    """One accelerator per local rank: 'cuda' (or 'cuda:k', whose index is overridden)
-    becomes cuda:LOCAL_RANK; None picks CUDA when present; 'cpu' stays cpu."""
+def _rank_device(requested: str | torch.device | None, local_rank: int, world: int) -> torch.device:
+    """Under torchrun, one accelerator per local rank: 'cuda' (or 'cuda:k', whose index is
+    overridden) becomes cuda:LOCAL_RANK. A single process keeps what it asked for.
+    None picks CUDA when present; 'cpu' stays cpu."""
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but CUDA is not available")
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs "
-                               "are visible: use --nproc_per_node <= the number of GPUs")
-        return torch.device("cuda", local_rank)
-    return device
+    if device.type != "cuda" or world <= 1:
+        return device
+    if not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs "
+                           "are visible: use --nproc_per_node <= the number of GPUs")
+    return torch.device("cuda", local_rank)
 
 
 def init_distributed(device: str | torch.device | None = "cpu", backend: str | None = None,
                      timeout_s: float | None = None) -> DistContext:
-    """Start the process group from torchrun's environment (idempotent).
+    """Start the process group from torchrun's environment; returns this rank's context.
 
     device: the device the caller asked for ('cpu', 'cuda', None = CUDA if available);
-    under torchrun a CUDA device becomes cuda:LOCAL_RANK. backend: None picks nccl
-    for CUDA and gloo for CPU. timeout_s: collective timeout (default
-    $ACF_FAST_DIST_TIMEOUT_S or 1800 s).
+    under torchrun a CUDA device becomes cuda:LOCAL_RANK. backend: None picks
+    $ACF_FAST_DIST_BACKEND, else nccl for CUDA and gloo for CPU. timeout_s: collective
+    timeout (default $ACF_FAST_DIST_TIMEOUT_S or 1800 s). Without torchrun (WORLD_SIZE
+    unset or 1) nothing is started and the context is the single-process one. Calling
+    it again reuses the process group (a train then an evaluate in one process).
     """
     global _CONTEXT, _OWNS_GROUP
-    if _CONTEXT is not None:
-        return _CONTEXT
     world = env_world_size()
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     local_world = _env_int("LOCAL_WORLD_SIZE", world if world > 1 else 1)
-    dev = _rank_device(device, local_rank)
-    if world <= 1 and not dist.is_initialized():
-        _CONTEXT = DistContext(device=dev)
-        return _CONTEXT
+    if _CONTEXT is not None:
+        return replace(_CONTEXT, device=_rank_device(device, _CONTEXT.local_rank, _CONTEXT.world_size))
+    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return DistContext(device=_rank_device(device, 0, 1))
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    if not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world})")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)      # NCCL and all_gather_object use the current device
     if not dist.is_initialized():
+        if not 0 <= rank < world:
+            raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world})")
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
                 raise RuntimeError(f"WORLD_SIZE={world} but {name} is not set; launch with torchrun "
                                    "(it sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
-        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    else:   # someone else started it (a notebook, a test harness): use theirs
+        rank, world = dist.get_rank(), dist.get_world_size()
+    dev = _rank_device(device, local_rank, world)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)      # NCCL and all_gather_object use the current device
+    if not dist.is_initialized():
+        backend = (backend or os.environ.get(BACKEND_ENV)
+                   or ("nccl" if dev.type == "cuda" else "gloo"))
         seconds = timeout_s if timeout_s is not None else float(
             os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
         dist.init_process_group(backend=backend, init_method="env://", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=seconds))
         _OWNS_GROUP = True
-    else:   # someone else started it (a notebook, a test harness): use theirs
-        rank, world = dist.get_rank(), dist.get_world_size()
     _CONTEXT = DistContext(rank=rank, world_size=world, local_rank=local_rank,
                            local_world_size=local_world, device=dev,
                            backend=dist.get_backend())
