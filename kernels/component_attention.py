@@ -182,17 +182,23 @@ def blocks(M: int, D: int) -> dict:
     return dict(BLOCK_M=max(16, next_pow2(M)), BLOCK_D=chunk(D, 64 if M <= 64 else 32))
 
 
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor has a null data pointer, which Triton's CUDA launcher rejects even
+    when every load is masked (a batch whose profiles are all empty has no items)."""
+    return t if t.numel() else t.new_zeros((1,))
+
+
 def component_forward(r, xr, uu, w2, c2, slot_item, store_beta: bool):
-    """-> xbar [B, P, D], lse [B, P], beta [B, P, M] (zeros unless store_beta)."""
+    """-> xbar [B, P, D], lse [B, P], beta [B, P, M] (None unless store_beta)."""
     B, P = slot_item.shape
     U, M, D = r.shape
     xbar = r.new_empty((B, P, D))
     lse = r.new_empty((B, P))
     beta = r.new_zeros((B, P, M)) if store_beta else r.new_empty((1,))
     if B * P == 0:
-        return xbar, lse, r.new_zeros((B, P, M))
+        return xbar, lse, (r.new_zeros((B, P, M)) if store_beta else None)
     _component_fwd_kernel[(B * P,)](
-        r, xr, uu, w2, c2, slot_item, xbar, lse, beta, P, M, D,
+        _readable(r), _readable(xr), uu, w2, c2, slot_item, xbar, lse, beta, P, M, D,
         STORE_BETA=store_beta, **blocks(M, D))
     return xbar, lse, (beta if store_beta else None)
 
@@ -202,13 +208,14 @@ def component_backward(r, xr, uu, w2, c2, slot_item, lse, dxbar, item_start, slo
     B, P = slot_item.shape
     U, M, D = r.shape
     bl = blocks(M, D)
+    dxbar = dxbar.contiguous()
     beta = r.new_empty((B * P, M))
     de = r.new_empty((B * P, M))
     duu_part = r.new_empty((B * P, D))
     dw2_part = r.new_empty((B * P, D))
     if B * P:
         _component_bwd_slot_kernel[(B * P,)](
-            r, xr, uu, w2, c2, slot_item, lse, dxbar.contiguous(),
+            _readable(r), _readable(xr), uu, w2, c2, slot_item, lse, dxbar,
             beta, de, duu_part, dw2_part, P, M, D, **bl)
     dr = torch.empty_like(r)
     dxr = torch.empty_like(r)

@@ -91,8 +91,8 @@ def acf_forward(table, batch: Batch, user_ids, profile_ids, pos, neg, w, with_sc
     pre = _linear(w.profile_emb[profile_ids], w.i_wp, w.i_bp) + _linear(xbar, w.i_wx, w.i_bx)
     ut = _linear(u, w.i_wu, w.i_bu)
     alpha, user, spos, sneg = item_forward(
-        pre, ut, w.i_w.reshape(-1), w.i_b, batch.slot_item, profile_ids, w.profile_emb,
-        w.item_emb, pos, neg, with_scores)
+        pre, ut, w.i_w.reshape(-1), w.i_b, batch.slot_item, profile_ids,
+        w.profile_emb.contiguous(), w.item_emb.contiguous(), pos, neg, with_scores)
     return user, spos, sneg, alpha, beta, (r, xbar, lse_c, pre)
 
 
@@ -111,7 +111,8 @@ def acf_backward(grad_user, grad_pos, grad_neg, table, batch: Batch, user_ids, p
     # item attention, user vector, scores
     dut, dp, dz, dw1, dc1, dvpos, dvneg = item_backward(
         grad_user, grad_pos, grad_neg, pre, ut, w.i_w.reshape(-1), w.i_b, alpha, user,
-        batch.slot_item, profile_ids, w.profile_emb, w.item_emb, pos, neg, with_scores)
+        batch.slot_item, profile_ids, w.profile_emb.contiguous(), w.item_emb.contiguous(), pos,
+        neg, with_scores)
     dz2 = dz.view(-1, D)
     g_i_wp = dz2.T @ p_rows.view(-1, D)
     g_i_bp = dz2.sum(0)

@@ -162,6 +162,10 @@ def fused_acf(weights: ACFWeights, table: torch.Tensor, user_ids, profile_ids, p
     D = weights.user_emb.shape[1]
     if weights.c_wx.shape[0] != D:
         raise ValueError("the triton backend needs the attention hidden size H == model_dim")
+    B, P = profile_ids.shape
+    if P == 0:  # no slots at all: one padded slot gives the same result (alpha = 0)
+        profile_ids = profile_ids.new_zeros((B, 1))
+        profile_mask = profile_mask.new_zeros((B, 1))
     batch = fused.distinct_items(profile_ids, profile_mask)
     with_scores = pos is not None
     if not with_scores:
@@ -173,7 +177,7 @@ def fused_acf(weights: ACFWeights, table: torch.Tensor, user_ids, profile_ids, p
     if not return_attentions:
         alpha, beta = None, None
     else:
-        alpha, beta = alpha.detach(), beta.detach()
+        alpha, beta = alpha[:, :P].detach(), beta[:, :P].detach()
     return user, (spos if with_scores else None), (sneg if with_scores else None), alpha, beta
 
 
