@@ -46,7 +46,7 @@ DEVICE = torch.device("cpu" if SMOKE else "cuda")
 WARMUP = int(os.environ.get("BENCH_WARMUP", 1 if SMOKE else 3))
 REPS = int(os.environ.get("BENCH_REPS", 2 if SMOKE else 15))
 BATCHES = (8,) if SMOKE else (128, 1024)
-FEATURES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FEATURES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # bf16 first: the target
 PRECISIONS = ("ieee", "tf32")
 # name fragment -> (HBM bytes/s, fp32 FLOP/s, tf32 tensor FLOP/s), dense datasheet peaks
 PEAKS = {"H200": (4.8e12, 67e12, 495e12), "H100 PCIe": (2.0e12, 51e12, 378e12),

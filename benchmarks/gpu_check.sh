@@ -16,7 +16,7 @@ export TRITON_DEFAULT_FP_FUSION=1      # newer triton warns when unset; same def
 PY="${PYTHON:-python}"
 LOGS="${OUT:-${TMPDIR:-/tmp}/acf_gpu_check}"
 mkdir -p "$LOGS"
-TEST_LIMIT="${TEST_LIMIT:-110}"
+TEST_LIMIT="${TEST_LIMIT:-100}"
 BENCH_LIMIT="${BENCH_LIMIT:-120}"
 status=0
 start=$SECONDS
@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 echo "== 1. Triton tests on CUDA (limit ${TEST_LIMIT}s)"
 if "$PY" -c "import pytest" 2>/dev/null; then
-  timeout "$TEST_LIMIT" "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=5 \
+  timeout "$TEST_LIMIT" "$PY" -m pytest -v -p no:cacheprovider --noconftest -o addopts="" -rfE --durations=5 \
       tests/test_triton_backend.py tests/test_triton_gradcheck.py 2>&1 | tee "$LOGS/gpu_tests.txt"
   rc=${PIPESTATUS[0]}
 else

@@ -1,1 +1,9 @@
-"""Triton kernels for ACF (installed as acf_fast.kernels)."""
+"""Triton kernels for ACF (installed as acf_fast.kernels).
+
+Each module reads kernel(s) -> host launcher:
+- `reduce`:              gather-GEMM r = W_red x + b_red per distinct item, and dW_red
+- `component_attention`: attention over the 49 grid cells per (user, slot), fwd + bwd
+- `item_attention`:      attention over the profile slots, user vector, scores, fwd + bwd
+- `fused_acf`:           the whole forward / backward composed from the above
+The autograd / torch.library wiring lives in `acf_fast.backends.triton`.
+"""

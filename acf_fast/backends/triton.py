@@ -37,6 +37,12 @@ import torch
 
 from ..weights import ACFWeights
 
+try:
+    import triton  # noqa: F401
+except ImportError as exc:  # fail with the fix, not a bare ModuleNotFoundError
+    raise RuntimeError("the triton backend needs the triton package: pip install triton "
+                       "(or use backend='reference' / 'cpu')") from exc
+
 
 def _import_kernels():
     """`acf_fast.kernels` (the repo's kernels/ folder, mapped there by setup.py).
