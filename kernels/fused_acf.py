@@ -32,24 +32,28 @@ from .reduce import reduce_items, reduce_weight_grad
 class Batch(NamedTuple):
     item_ids: torch.Tensor    # [U] int64: the distinct real item ids of the profiles
     slot_item: torch.Tensor   # [B, P] int32: index into item_ids, -1 on padded slots
-    item_start: torch.Tensor  # [U + 1] int32: CSR offsets of each item's slots in slot_order
-    slot_order: torch.Tensor  # [n_valid] int32: flat slot indices (i * P + l), grouped by item
+    item_start: torch.Tensor  # [U + 1] int32: item k's slots are slot_order[start[k]:start[k+1]]
+    slot_order: torch.Tensor  # [B * P + 1] int32: flat slot indices (i * P + l), grouped by item
 
 
 def distinct_items(profile_ids: torch.Tensor, profile_mask: torch.Tensor) -> Batch:
-    """The distinct real items of a batch and, for backward, which slots hold each one."""
+    """The distinct real items of a batch and, for backward, which slots hold each one.
+
+    One host sync (torch.unique's output size): a padding id 0 is prepended so that 0 is
+    always distinct item number 0 and the real items are exactly unique[1:]; padded
+    slots (masked, whatever their id) map to -1. The stable sort of the prepended array
+    puts that extra 0 and the padded slots first, then each real item's slots in order.
+    """
     B, P = profile_ids.shape
-    flat_ids = profile_ids.reshape(-1)
-    valid = profile_mask.reshape(-1).bool()
-    item_ids, inverse, counts = torch.unique(flat_ids[valid], sorted=True, return_inverse=True,
-                                             return_counts=True)
-    slot_item = torch.full((B * P,), -1, dtype=torch.int32, device=profile_ids.device)
-    slot_item[valid] = inverse.to(torch.int32)
-    valid_slots = valid.nonzero().squeeze(1)
-    slot_order = valid_slots[torch.argsort(inverse, stable=True)].to(torch.int32)
-    item_start = torch.zeros(item_ids.numel() + 1, dtype=torch.int32, device=profile_ids.device)
-    item_start[1:] = counts.cumsum(0).to(torch.int32)
-    return Batch(item_ids, slot_item.view(B, P), item_start, slot_order)
+    ids = torch.where(profile_mask.bool(), profile_ids, 0).reshape(-1)
+    ids = torch.cat([ids.new_zeros(1), ids])
+    unique, inverse, counts = torch.unique(ids, sorted=True, return_inverse=True,
+                                           return_counts=True)
+    order = torch.argsort(inverse, stable=True)
+    return Batch(item_ids=unique[1:],
+                 slot_item=(inverse[1:] - 1).to(torch.int32).view(B, P),
+                 item_start=counts.cumsum(0).to(torch.int32),
+                 slot_order=(order - 1).to(torch.int32))
 
 
 def deterministic() -> bool:
