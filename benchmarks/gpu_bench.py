@@ -165,7 +165,7 @@ def main():
                     lines.append(line)
                     print(line, flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
-    for section in (kernel_resources, profile_triton_step):
+    for section in (reduction_ab, kernel_resources, profile_triton_step):
         try:
             text = section()
         except Exception as exc:
@@ -175,6 +175,72 @@ def main():
         lines += ["", text]
     write_out("\n".join(lines), results)
     return 0
+
+
+def _median_seconds(fn, reps=20):
+    for _ in range(3):
+        fn()
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def _peak_bytes(fn):
+    if SMOKE:
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def reduction_ab():
+    """The measurement behind kernels/reduce.py's choice: r = W_red x + b and dW_red for the
+    distinct items of a B = 128 batch, Triton gather-GEMM vs gather + cuBLAS."""
+    from acf_fast.kernels.reduce import reduce_items, reduce_weight_grad
+
+    rows = ["reduction alone (forward + dW_red), distinct items of a B=128 batch: "
+            "Triton gather-GEMM vs gather + cuBLAS",
+            f"  {'features':8s} {'matmul':6s} {'U':>5s} {'triton ms':>10s} {'cuBLAS ms':>10s} "
+            f"{'triton MB':>10s} {'cuBLAS MB':>10s} {'max|dr|':>9s} {'max|dW|':>9s}"]
+    for fname, dtype in FEATURES.items():
+        model = wikimedia_model("triton", dtype, DEVICE, **SHAPE)
+        data = wikimedia_batch(model, batch=128)
+        ids = torch.unique(data.profile_ids[data.profile_mask])
+        layer = model.user_model.feats.dim_reductor
+        W, b, table = layer.weight.detach(), layer.bias.detach(), model.feature_table
+        U, (M, F), D = ids.numel(), table.shape[1:], W.shape[0]
+        dr = torch.randn(U, M, D, device=W.device)
+
+        def fused():
+            return reduce_items(table, ids, W, b), reduce_weight_grad(table, ids, dr)
+
+        def gathered():
+            x = table[ids].to(W.dtype).reshape(-1, F)
+            return torch.addmm(b, x, W.T).view(U, M, D), dr.reshape(-1, D).T @ x
+
+        for precision in PRECISIONS:
+            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+            (r1, g1), (r2, g2) = fused(), gathered()
+            rows.append(f"  {fname:8s} {precision:6s} {U:5d} {_median_seconds(fused) * 1e3:10.3f} "
+                        f"{_median_seconds(gathered) * 1e3:10.3f} "
+                        f"{_peak_bytes(fused) / 2**20:10.1f} {_peak_bytes(gathered) / 2**20:10.1f} "
+                        f"{float((r1 - r2).abs().max()):9.2e} {float((g1 - g2).abs().max()):9.2e}")
+        del model
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return "\n".join(rows)
 
 
 def kernel_resources():
