@@ -1,0 +1,336 @@
+"""The tutorial's CSV formats: interactions, triplets and the evaluation file.
+
+Readers check what they are given and say exactly what is wrong (file, line,
+column, value) instead of failing later inside the model. Ids are parsed with
+numpy in chunks, never row by row in Python, so ten million triplets read in
+seconds and in bounded memory.
+
+Id conventions (SPEC.md): files hold 0-based item ids; everything returned here
+for the model is 1-based (0 is padding). Users are 0..U-1 in files and in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHUNK_ROWS = 1 << 20
+INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
+TRIPLET_COLUMNS = ("profile", "pi", "ni", "ui")
+EVALUATION_COLUMNS = ("timestamp", "user_id", "predict", "profile")
+
+
+# ---------------------------------------------------------------------------- csv plumbing
+def _open_csv(path, required: tuple[str, ...]):
+    """(reader positioned after the header, {column: index}); clear errors for the usual faults."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, expected a CSV file")
+    fh = open(path, newline="")
+    reader = csv.reader(fh)
+    try:
+        header = next(reader)
+    except StopIteration:
+        fh.close()
+        raise ValueError(f"{path}: empty file, expected a header with columns {list(required)}") from None
+    header = [h.strip() for h in header]
+    missing = [c for c in required if c not in header]
+    if missing:
+        fh.close()
+        raise ValueError(f"{path}: missing column(s) {missing}; the header has {header}, "
+                         f"expected at least {list(required)}")
+    return fh, reader, {name: header.index(name) for name in header}
+
+
+def _chunks(reader, path, n_columns: int):
+    """Lists of rows, CHUNK_ROWS at a time, with the file line number of each chunk's first row."""
+    rows, first_line = [], 2
+    for row in reader:
+        if not row:
+            continue
+        if len(row) < n_columns:
+            raise ValueError(f"{path}, line {reader.line_num}: expected {n_columns} fields, "
+                             f"got {len(row)}: {row}")
+        rows.append(row)
+        if len(rows) == CHUNK_ROWS:
+            yield first_line, rows
+            first_line, rows = reader.line_num + 1, []
+    if rows:
+        yield first_line, rows
+
+
+def _bad_value(values, path, column: str, first_line: int, kind: str):
+    for i, v in enumerate(values):
+        try:
+            int(v) if kind == "integer" else float(v)
+        except ValueError:
+            return ValueError(f"{path}, line {first_line + i}: column {column!r} has {v!r}, "
+                              f"expected an {kind}")
+    return ValueError(f"{path}: column {column!r} has a value that is not an {kind}")
+
+
+def parse_ints(values: list[str], path, column: str, first_line: int) -> np.ndarray:
+    try:
+        return np.array(values, dtype=np.str_).astype(np.int64)
+    except (ValueError, OverflowError):
+        raise _bad_value(values, path, column, first_line, "integer") from None
+
+
+def parse_timestamps(values: list[str], path, first_line: int) -> np.ndarray:
+    """Integers when they all are (the tutorial's Unix times), floats otherwise."""
+    arr = np.array(values, dtype=np.str_)
+    try:
+        return arr.astype(np.int64)
+    except (ValueError, OverflowError):
+        try:
+            return arr.astype(np.float64)
+        except ValueError:
+            raise _bad_value(values, path, "timestamp", first_line, "number") from None
+
+
+def parse_id_lists(values: list[str], path, column: str, first_line: int):
+    """Space-separated id lists -> (flat int64 ids, lengths) without a per-row int() loop."""
+    stripped = [v.strip() for v in values]
+    lengths = np.fromiter((len(v.split()) for v in stripped), dtype=np.int64, count=len(stripped))
+    flat = " ".join(stripped).split()
+    try:
+        ids = np.array(flat, dtype=np.str_).astype(np.int64) if flat else np.zeros(0, np.int64)
+    except (ValueError, OverflowError):
+        for i, v in enumerate(stripped):
+            for tok in v.split():
+                try:
+                    int(tok)
+                except ValueError:
+                    raise ValueError(f"{path}, line {first_line + i}: column {column!r} has "
+                                     f"{tok!r} in {v!r}, expected space-separated integer ids") from None
+        raise
+    return ids, lengths
+
+
+def check_id_range(ids: np.ndarray, upper: int | None, path, column: str, what: str) -> None:
+    """ids must lie in [0, upper); names the first offending value."""
+    if ids.size == 0:
+        return
+    lo = int(ids.min())
+    if lo < 0:
+        raise ValueError(f"{path}: column {column!r} has negative {what} id {lo}")
+    if upper is not None:
+        hi = int(ids.max())
+        if hi >= upper:
+            raise ValueError(f"{path}: column {column!r} has unknown {what} id {hi}; "
+                             f"expected ids in [0, {upper - 1}] ({upper} {what}s)")
+
+
+def write_csv_atomic(path, header: list[str], rows) -> Path:
+    """Write rows to path.tmp then rename, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def join_ids(ids) -> str:
+    return " ".join(map(str, ids))
+
+
+# ---------------------------------------------------------------------------- interactions
+@dataclass
+class Interactions:
+    """One row per distinct (user, item): 0-based ids, the latest timestamp kept."""
+    user: np.ndarray
+    item: np.ndarray
+    timestamp: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.user.size)
+
+    @property
+    def n_users(self) -> int:
+        return int(self.user.max()) + 1 if len(self) else 0
+
+
+def read_interactions(path, n_items: int | None = None) -> Interactions:
+    """Read `user_id,item_id,timestamp[,evaluation]`; n_items (from the feature file) bounds item ids.
+
+    Repeated (user, item) pairs keep the latest timestamp (SPEC.md).
+    """
+    fh, reader, col = _open_csv(path, INTERACTION_COLUMNS)
+    users, items, times = [], [], []
+    with fh:
+        for first, rows in _chunks(reader, path, len(col)):
+            users.append(parse_ints([r[col["user_id"]] for r in rows], path, "user_id", first))
+            items.append(parse_ints([r[col["item_id"]] for r in rows], path, "item_id", first))
+            times.append(parse_timestamps([r[col["timestamp"]] for r in rows], path, first))
+    if not users:
+        raise ValueError(f"{path}: no interactions after the header")
+    user, item = np.concatenate(users), np.concatenate(items)
+    timestamp = np.concatenate(times)
+    check_id_range(user, None, path, "user_id", "user")
+    check_id_range(item, n_items, path, "item_id", "item")
+    # keep the latest of repeated (user, item): sort by time, the last occurrence wins
+    order = np.lexsort((np.arange(user.size), timestamp, item, user))
+    user, item, timestamp = user[order], item[order], timestamp[order]
+    last = np.ones(user.size, dtype=bool)
+    last[:-1] = (user[1:] != user[:-1]) | (item[1:] != item[:-1])
+    return Interactions(user[last], item[last], timestamp[last])
+
+
+# ---------------------------------------------------------------------------- triplets
+@dataclass
+class TripletSet:
+    """Training triplets as tensors, ready for batching by index.
+
+    user [T], profile [T, P] (1-based item ids, right-padded with 0, pi removed),
+    pos [T], neg [T] (1-based).
+    """
+    user: torch.Tensor
+    profile: torch.Tensor
+    pos: torch.Tensor
+    neg: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.user.numel())
+
+    def subset(self, index) -> "TripletSet":
+        return TripletSet(self.user[index], self.profile[index], self.pos[index], self.neg[index])
+
+
+def profiles_to_matrix(flat: np.ndarray, lengths: np.ndarray, width: int,
+                       drop_last: bool = False) -> np.ndarray:
+    """Ragged lists (flat ids + lengths) -> [R, width], keeping each list's *last* `width`
+    entries (the most recent items), left-aligned and right-padded with 0.
+
+    drop_last removes each list's final id first (the tutorial drops pi from its profile).
+    Ids are taken as given; shift them before calling.
+    """
+    ends = np.cumsum(lengths)
+    if drop_last:
+        ends = ends - (lengths > 0)
+        lengths = np.maximum(lengths - 1, 0)
+    keep = np.minimum(lengths, width)
+    starts = ends - keep
+    out = np.zeros((lengths.size, width), dtype=np.int64)
+    cols = np.arange(width)
+    valid = cols[None, :] < keep[:, None]
+    src = (starts[:, None] + cols[None, :])[valid]
+    out[valid] = flat[src]
+    return out
+
+
+def read_triplets(path, max_profile_size: int = 9, n_users: int | None = None,
+                  n_items: int | None = None) -> TripletSet:
+    """Read `naive-user-{train,validation}.csv` (`profile,pi,ni,ui`, 0-based ids).
+
+    Item ids are shifted by +1, pi (the profile's last id) is removed from the profile,
+    and the most recent `max_profile_size` remaining items are kept.
+    """
+    if max_profile_size < 1:
+        raise ValueError(f"max_profile_size must be >= 1, got {max_profile_size}")
+    fh, reader, col = _open_csv(path, TRIPLET_COLUMNS)
+    users, pos, neg, profiles = [], [], [], []
+    with fh:
+        for first, rows in _chunks(reader, path, len(col)):
+            u = parse_ints([r[col["ui"]] for r in rows], path, "ui", first)
+            p = parse_ints([r[col["pi"]] for r in rows], path, "pi", first)
+            n = parse_ints([r[col["ni"]] for r in rows], path, "ni", first)
+            flat, lengths = parse_id_lists([r[col["profile"]] for r in rows], path, "profile", first)
+            check_id_range(u, n_users, path, "ui", "user")
+            for name, ids in (("pi", p), ("ni", n), ("profile", flat)):
+                check_id_range(ids, n_items, path, name, "item")
+            ends = np.cumsum(lengths) - 1
+            has = lengths > 0
+            wrong = np.flatnonzero(~has | (flat[np.where(has, ends, 0)] != p))
+            if wrong.size:
+                i = int(wrong[0])
+                raise ValueError(f"{path}, line {first + i}: the profile must end with pi={p[i]} "
+                                 f"(the tutorial's format), got {rows[i][col['profile']]!r}")
+            profiles.append(profiles_to_matrix(flat + 1, lengths, max_profile_size, drop_last=True))
+            users.append(u), pos.append(p + 1), neg.append(n + 1)
+    if not users:
+        raise ValueError(f"{path}: no triplets after the header")
+    t = lambda parts: torch.from_numpy(np.concatenate(parts))
+    return TripletSet(t(users), t(profiles), t(pos), t(neg))
+
+
+# ---------------------------------------------------------------------------- evaluation
+@dataclass
+class EvaluationGroups:
+    """Evaluation groups after joining rows with equal (profile, user).
+
+    user [G]; profile [G, Pmax] 1-based, right-padded (the full stored profile, up
+    to 10 items, oldest first); targets: ragged 1-based ground-truth ids
+    (targets_flat, targets_ptr) with group g's ids in targets_flat[ptr[g]:ptr[g+1]].
+    """
+    user: np.ndarray
+    profile: np.ndarray
+    targets_flat: np.ndarray
+    targets_ptr: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.user.size)
+
+    def targets(self, g: int) -> np.ndarray:
+        return self.targets_flat[self.targets_ptr[g]:self.targets_ptr[g + 1]]
+
+    @property
+    def n_targets(self) -> np.ndarray:
+        return np.diff(self.targets_ptr)
+
+    @property
+    def profile_size(self) -> np.ndarray:
+        return (self.profile > 0).sum(1)
+
+
+def read_evaluation(path, n_users: int | None = None, n_items: int | None = None) -> EvaluationGroups:
+    """Read `naive-user-evaluation.csv` (`timestamp,user_id,predict,profile`, 0-based ids)."""
+    fh, reader, col = _open_csv(path, EVALUATION_COLUMNS)
+    users, pflat, plen, tflat, tlen = [], [], [], [], []
+    with fh:
+        for first, rows in _chunks(reader, path, len(col)):
+            u = parse_ints([r[col["user_id"]] for r in rows], path, "user_id", first)
+            check_id_range(u, n_users, path, "user_id", "user")
+            t, tl = parse_id_lists([r[col["predict"]] for r in rows], path, "predict", first)
+            p, pl = parse_id_lists([r[col["profile"]] for r in rows], path, "profile", first)
+            check_id_range(t, n_items, path, "predict", "item")
+            check_id_range(p, n_items, path, "profile", "item")
+            users.append(u), tflat.append(t), tlen.append(tl), pflat.append(p), plen.append(pl)
+    if not users:
+        raise ValueError(f"{path}: no evaluation rows after the header")
+    user = np.concatenate(users)
+    plen_all, tlen_all = np.concatenate(plen), np.concatenate(tlen)
+    width = max(int(plen_all.max()), 1)
+    profile = profiles_to_matrix(np.concatenate(pflat) + 1, plen_all, width)
+    targets = np.concatenate(tflat) + 1
+    tptr = np.concatenate([[0], np.cumsum(tlen_all)])
+
+    # group rows with equal (profile, user): the first row of each group fixes the order
+    key = np.concatenate([user[:, None], profile, plen_all[:, None]], axis=1)
+    _, first_row, group_of = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    group_of = group_of.reshape(-1)
+    rank = np.empty_like(first_row)
+    rank[np.argsort(first_row, kind="stable")] = np.arange(first_row.size)
+    group_of = rank[group_of]
+    row_of_target = np.repeat(np.arange(user.size), tlen_all)
+    tgroup = group_of[row_of_target]
+    torder = np.argsort(tgroup, kind="stable")
+    first_sorted = np.sort(first_row)
+    counts = np.bincount(tgroup, minlength=first_row.size)
+    return EvaluationGroups(user=user[first_sorted], profile=profile[first_sorted],
+                            targets_flat=targets[torder],
+                            targets_ptr=np.concatenate([[0], np.cumsum(counts)]))

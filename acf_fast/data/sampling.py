@@ -1,0 +1,227 @@
+"""`prepare`: the tutorial's sampling protocol (SPEC.md), vectorised.
+
+1. Interactions (one per distinct user-item pair, latest time kept) are ordered per
+   user by time and grouped into baskets by (timestamp, user).
+2. Users with more than `holdout_baskets` (10) baskets have their last 10 baskets
+   held out: `naive-user-evaluation.csv` gets one row per held-out basket
+   (`timestamp,user_id,predict,profile`, profile = the last 10 training items).
+3. Every user gets ceil(total / n_users) triplets for train and likewise for
+   validation: pi uniform over the user's training items, the profile the up-to-10
+   training items ending at pi, ni uniform over items the user never consumed
+   (held-out items count as consumed). A (user, pi, ni) drawn twice, within or
+   across train and validation, is rejected and redrawn.
+All draws come from one `numpy.random.default_rng(seed)` (seed 0 by default) in a
+fixed order, so the files are reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .formats import Interactions, join_ids, read_interactions, write_csv_atomic
+from .history import UserHistory
+
+PROFILE_WINDOW = 10          # the tutorial's profile: up to 10 items ending at pi
+HOLDOUT_BASKETS = 10
+TRAIN_FILE = "naive-user-train.csv"
+VALIDATION_FILE = "naive-user-validation.csv"
+EVALUATION_FILE = "naive-user-evaluation.csv"
+HISTORY_FILE = "history.npz"
+MANIFEST_FILE = "dataset.json"
+MAX_ROUNDS = 10_000
+
+
+@dataclass
+class Split:
+    """Chronological training items and held-out baskets per user (0-based item ids)."""
+    n_users: int
+    n_items: int
+    train_ptr: np.ndarray
+    train_items: np.ndarray
+    consumed_ptr: np.ndarray
+    consumed_items: np.ndarray
+    eval_user: np.ndarray        # one entry per held-out basket
+    eval_time: np.ndarray
+    eval_ptr: np.ndarray         # basket b's items: eval_items[eval_ptr[b]:eval_ptr[b+1]]
+    eval_items: np.ndarray
+
+
+def split_baskets(inter: Interactions, n_items: int, holdout: int = HOLDOUT_BASKETS) -> Split:
+    """Order each user's interactions by time, form baskets, hold out the last `holdout`."""
+    order = np.lexsort((inter.item, inter.timestamp, inter.user))  # ties in a basket: by item id
+    user, item, time = inter.user[order], inter.item[order], inter.timestamp[order]
+    n_users = inter.n_users
+    new_basket = np.ones(user.size, dtype=bool)
+    new_basket[1:] = (user[1:] != user[:-1]) | (time[1:] != time[:-1])
+    basket_id = np.cumsum(new_basket) - 1                        # global basket index
+    basket_user = user[new_basket]
+    n_baskets = np.bincount(basket_user, minlength=n_users)
+    first_basket = np.concatenate([[0], np.cumsum(n_baskets)])[:-1]
+    basket_rank = basket_id - first_basket[user]                  # 0-based within the user
+    held = (n_baskets[user] > holdout) & (basket_rank >= n_baskets[user] - holdout)
+
+    def csr(mask):
+        counts = np.bincount(user[mask], minlength=n_users)
+        return np.concatenate([[0], np.cumsum(counts)]), item[mask]
+
+    train_ptr, train_items = csr(~held)
+    consumed_ptr, consumed_items = csr(np.ones_like(held))
+    held_baskets = np.unique(basket_id[held])
+    hb_first = np.searchsorted(basket_id, held_baskets)
+    eval_counts = np.bincount(np.searchsorted(held_baskets, basket_id[held]), minlength=held_baskets.size)
+    return Split(n_users, n_items, train_ptr, train_items, consumed_ptr, consumed_items,
+                 eval_user=user[hb_first], eval_time=time[hb_first],
+                 eval_ptr=np.concatenate([[0], np.cumsum(eval_counts)]), eval_items=item[held])
+
+
+def _draw_negatives(rng, users: np.ndarray, n_items: int, consumed_keys: np.ndarray) -> np.ndarray:
+    """Uniform items the user never consumed, by rejection (consumed_keys = user*n_items+item, sorted)."""
+    neg = rng.integers(0, n_items, size=users.size)
+    todo = np.flatnonzero(np.isin(users * n_items + neg, consumed_keys, assume_unique=False))
+    while todo.size:
+        neg[todo] = rng.integers(0, n_items, size=todo.size)
+        todo = todo[np.isin(users[todo] * n_items + neg[todo], consumed_keys)]
+    return neg
+
+
+def sample_triplets(split: Split, per_user: int, seed: int = 0, progress: bool = True):
+    """Draw `per_user` distinct (user, pi, ni) per user (fewer if the user has fewer).
+
+    Returns (user, pi_pos, ni) in draw order grouped by user, where pi_pos indexes
+    split.train_items (so the profile window is known without searching).
+    """
+    rng = np.random.default_rng(seed)
+    n_train = np.diff(split.train_ptr)
+    n_consumed = np.diff(split.consumed_ptr)
+    capacity = n_train * np.maximum(split.n_items - n_consumed, 0)
+    want = np.minimum(per_user, capacity)
+    short = np.flatnonzero(want < per_user)
+    if short.size and np.any(n_train[short] > 0):
+        u = int(short[n_train[short] > 0][0])
+        print(f"acf_fast prepare: {short.size} user(s) allow fewer than {per_user} distinct "
+              f"triplets (e.g. user {u}: at most {capacity[u]}); they get what exists",
+              file=sys.stderr)
+    consumed_user = np.repeat(np.arange(split.n_users), n_consumed)
+    consumed_keys = np.sort(consumed_user * split.n_items + split.consumed_items)
+    key_base = np.int64(split.n_items)
+
+    users_all, pos_all, neg_all = [], [], []
+    seen = np.zeros(0, dtype=np.int64)
+    have = np.zeros(split.n_users, dtype=np.int64)
+    bar = tqdm(total=int(want.sum()), desc="sampling triplets", unit="trip", disable=not progress)
+    for _ in range(MAX_ROUNDS):
+        deficit = want - have
+        if not deficit.any():
+            break
+        u = np.repeat(np.arange(split.n_users), deficit)
+        pos = split.train_ptr[u] + (rng.random(u.size) * n_train[u]).astype(np.int64)
+        neg = _draw_negatives(rng, u, split.n_items, consumed_keys)
+        key = (u * key_base + split.train_items[pos]) * key_base + neg
+        _, first = np.unique(key, return_index=True)
+        fresh = np.zeros(u.size, dtype=bool)
+        fresh[first] = True                                    # first draw of a repeated key
+        fresh &= ~np.isin(key, seen)                           # and never drawn before
+        seen = np.union1d(seen, key[fresh])
+        users_all.append(u[fresh]), pos_all.append(pos[fresh]), neg_all.append(neg[fresh])
+        have += np.bincount(u[fresh], minlength=split.n_users)
+        bar.update(int(fresh.sum()))
+    else:
+        raise RuntimeError(f"triplet sampling did not finish in {MAX_ROUNDS} rounds")
+    bar.close()
+    u, pos, neg = (np.concatenate(x) for x in (users_all, pos_all, neg_all))
+    order = np.argsort(u, kind="stable")                       # grouped by user, draw order kept
+    return u[order], pos[order], neg[order]
+
+
+def _triplet_rows(split: Split, user, pos, neg, desc: str, progress: bool):
+    lo = split.train_ptr[user]
+    start = np.maximum(lo, pos - (PROFILE_WINDOW - 1))
+    items = split.train_items
+    for i in tqdm(range(user.size), desc=desc, unit="row", disable=not progress, mininterval=1.0):
+        yield (join_ids(items[start[i]:pos[i] + 1]), items[pos[i]], neg[i], user[i])
+
+
+def _evaluation_rows(split: Split):
+    for b in range(split.eval_user.size):
+        u = split.eval_user[b]
+        hi = split.train_ptr[u + 1]
+        lo = max(split.train_ptr[u], hi - PROFILE_WINDOW)
+        yield (split.eval_time[b], u, join_ids(split.eval_items[split.eval_ptr[b]:split.eval_ptr[b + 1]]),
+               join_ids(split.train_items[lo:hi]))
+
+
+def feature_item_count(features_path) -> int:
+    """Number of items in a feature file (builds the memory-mappable cache on the way)."""
+    from ..features import load_feature_table
+
+    return int(load_feature_table(features_path).shape[0]) - 1
+
+
+def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_validation: int = 500_000,
+            seed: int = 0, holdout_baskets: int = HOLDOUT_BASKETS, progress: bool = True) -> dict:
+    """Run the tutorial protocol; write the three CSVs, history.npz and dataset.json into out_dir.
+
+    `features` (the tutorial's .npy or .h5) fixes the catalogue size N and is converted
+    to the feature cache; interactions naming an item id >= N are refused.
+    Returns the manifest (also saved as dataset.json).
+    """
+    out = Path(out_dir)
+    if n_train < 1 or n_validation < 0:
+        raise ValueError(f"n_train must be >= 1 and n_validation >= 0, got {n_train}, {n_validation}")
+    features = Path(features)
+    if not features.exists():
+        raise FileNotFoundError(f"feature file not found: {features}")
+    n_items = feature_item_count(features)
+    inter = read_interactions(interactions, n_items=n_items)
+    split = split_baskets(inter, n_items, holdout_baskets)
+    active = int((np.diff(split.train_ptr) > 0).sum())
+    n_users = split.n_users
+    per_train = math.ceil(n_train / n_users)
+    per_val = math.ceil(n_validation / n_users) if n_validation else 0
+    user, pos, neg = sample_triplets(split, per_train + per_val, seed, progress)
+
+    # first per_train draws of each user train, the rest validate (no key in both)
+    first_of_user = np.searchsorted(user, user, side="left")
+    is_train = (np.arange(user.size) - first_of_user) < per_train
+    out.mkdir(parents=True, exist_ok=True)
+    header = ["profile", "pi", "ni", "ui"]
+    write_csv_atomic(out / TRAIN_FILE, header, _triplet_rows(
+        split, user[is_train], pos[is_train], neg[is_train], "writing train", progress))
+    write_csv_atomic(out / VALIDATION_FILE, header, _triplet_rows(
+        split, user[~is_train], pos[~is_train], neg[~is_train], "writing validation", progress))
+    write_csv_atomic(out / EVALUATION_FILE, ["timestamp", "user_id", "predict", "profile"],
+                     _evaluation_rows(split))
+    UserHistory(n_users, n_items, split.train_ptr, split.train_items + 1,
+                split.consumed_ptr, split.consumed_items + 1).save(out / HISTORY_FILE)
+    manifest = {
+        "interactions": str(Path(interactions).resolve()),
+        "features": str(features.resolve()),
+        "n_users": n_users, "n_items": n_items, "n_interactions": len(inter),
+        "n_users_with_training_items": active,
+        "n_evaluation_users": int(np.unique(split.eval_user).size),
+        "n_evaluation_baskets": int(split.eval_user.size),
+        "n_train_triplets": int(is_train.sum()), "n_validation_triplets": int((~is_train).sum()),
+        "seed": seed, "holdout_baskets": holdout_baskets,
+        "files": {"train": TRAIN_FILE, "validation": VALIDATION_FILE, "evaluation": EVALUATION_FILE,
+                  "history": HISTORY_FILE},
+    }
+    tmp = out / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(out / MANIFEST_FILE)
+    return manifest
+
+
+def load_manifest(data_dir) -> dict:
+    path = Path(data_dir) / MANIFEST_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `acf-fast prepare` into {data_dir} first")
+    manifest = json.loads(path.read_text())
+    manifest["dir"] = str(Path(data_dir))
+    return manifest
