@@ -1,0 +1,7 @@
+"""`python -m acf_fast ...` runs the `acf-fast` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,150 @@
+"""Every step refuses bad input with an error that names the bad value (issue 5)."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from acf_fast.cli import main as cli_main
+from acf_fast.data.formats import read_evaluation, read_interactions, read_triplets
+from acf_fast.data.sampling import prepare
+from acf_fast.data.synth import synth, write_features
+from acf_fast.evaluate import evaluate
+from acf_fast.explain import explain
+from acf_fast.recommend import recommend
+from acf_fast.train import TrainConfig, Trainer, train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 30-user, 50-item dataset, prepared and trained for one short epoch."""
+    root = tmp_path_factory.mktemp("tiny")
+    s = synth(root / "data", n_users=30, n_items=50, n_concepts=4, feature_dim=8, images=False,
+              heavy_users=1, median_interactions=30, progress=False)
+    prepare(s["interactions"], s["features_h5"], root / "prep", n_train=300, n_validation=30,
+            progress=False)
+    train(TrainConfig(data_dir=str(root / "prep"), out_dir=str(root / "run"), epochs=1, model_dim=8,
+                      progress=False, backend="reference"))
+    return root, s
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------- synth / prepare
+def test_synth_unknown_option(tmp_path):
+    with pytest.raises(ValueError, match="n_itemz"):
+        synth(tmp_path, n_itemz=3)
+
+
+def test_prepare_missing_files(tmp_path, tiny):
+    root, s = tiny
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        prepare(tmp_path / "nope.csv", s["features_h5"], tmp_path / "o", progress=False)
+    with pytest.raises(FileNotFoundError, match="nope.h5"):
+        prepare(s["interactions"], tmp_path / "nope.h5", tmp_path / "o", progress=False)
+
+
+def test_missing_column(tmp_path, tiny):
+    _, s = tiny
+    bad = write(tmp_path / "i.csv", "user_id,item_id,time\n0,1,5\n")
+    with pytest.raises(ValueError, match="timestamp"):
+        prepare(bad, s["features_h5"], tmp_path / "o", progress=False)
+
+
+def test_non_integer_ids(tmp_path):
+    bad = write(tmp_path / "i.csv", "user_id,item_id,timestamp\n0,1,5\n0,x7,6\n")
+    with pytest.raises(ValueError, match=r"line 3.*item_id.*'x7'"):
+        read_interactions(bad)
+    bad = write(tmp_path / "u.csv", "user_id,item_id,timestamp\n0.5,1,5\n")
+    with pytest.raises(ValueError, match=r"user_id.*'0.5'"):
+        read_interactions(bad)
+    bad = write(tmp_path / "t.csv", "profile,pi,ni,ui\n1 z 3,3,4,0\n")
+    with pytest.raises(ValueError, match=r"profile.*'z'"):
+        read_triplets(bad)
+
+
+def test_unknown_item_and_feature_count_mismatch(tmp_path, tiny):
+    _, s = tiny
+    feats = np.ones((10, 8, 7, 7), dtype=np.float32)
+    _, small_h5 = write_features(tmp_path, [f"{i}" for i in range(10)], feats)
+    with pytest.raises(ValueError, match=r"unknown item id \d+.*\[0, 9\]"):
+        prepare(s["interactions"], small_h5, tmp_path / "o", progress=False)
+
+
+def test_triplet_and_evaluation_files(tmp_path):
+    with pytest.raises(ValueError, match="ni"):
+        read_triplets(write(tmp_path / "a.csv", "profile,pi,ui\n1,1,0\n"))
+    with pytest.raises(ValueError, match="must end with pi=2"):
+        read_triplets(write(tmp_path / "b.csv", "profile,pi,ni,ui\n1 3,2,4,0\n"))
+    with pytest.raises(ValueError, match=r"unknown user id 7"):
+        read_triplets(write(tmp_path / "c.csv", "profile,pi,ni,ui\n1,1,4,7\n"), n_users=5)
+    with pytest.raises(ValueError, match=r"unknown item id 99"):
+        read_evaluation(write(tmp_path / "d.csv", "timestamp,user_id,predict,profile\n1,0,99,1\n"), n_items=50)
+    with pytest.raises(ValueError, match="predict"):
+        read_evaluation(write(tmp_path / "e.csv", "timestamp,user_id,profile\n1,0,1\n"))
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        read_evaluation(tmp_path / "missing.csv")
+
+
+# ---------------------------------------------------------------------------- train / evaluate
+def test_train_errors(tmp_path, tiny):
+    root, s = tiny
+    with pytest.raises(FileNotFoundError, match="dataset.json"):
+        Trainer(TrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "r")))
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        Trainer(TrainConfig(data_dir=str(root / "prep"), out_dir=str(tmp_path / "r"), loss="hinge"))
+    feats = np.ones((60, 8, 7, 7), dtype=np.float32)
+    _, big = write_features(tmp_path, [f"{i}" for i in range(60)], feats)
+    with pytest.raises(ValueError, match="has 60 items but the prepared data has 50"):
+        Trainer(TrainConfig(data_dir=str(root / "prep"), out_dir=str(tmp_path / "r"), features=str(big),
+                            model_dim=8))
+
+
+def test_evaluate_errors(tmp_path, tiny):
+    root, _ = tiny
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        evaluate(tmp_path / "missing.pt", root / "prep", progress=False, print_table=False)
+    prep = tmp_path / "prep"
+    shutil.copytree(root / "prep", prep)
+    (prep / "naive-user-evaluation.csv").write_text("timestamp,user_id,predict,profile\n1,31,2,1\n")
+    with pytest.raises(ValueError, match="unknown user id 31"):
+        evaluate(root / "run" / "best.pt", prep, progress=False, print_table=False)
+
+
+def test_recommend_and_explain_errors(tmp_path, tiny):
+    root, _ = tiny
+    ckpt = root / "run" / "best.pt"
+    with pytest.raises(ValueError, match="unknown user id 30"):
+        recommend(ckpt, root / "prep", users=[1, 30])
+    with pytest.raises(ValueError, match="'bob' is not an integer"):
+        recommend(ckpt, root / "prep", users="1,bob")
+    with pytest.raises(ValueError, match="unknown user id -1"):
+        explain(ckpt, root / "prep", -1, tmp_path / "x.png")
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        explain(ckpt, root / "prep", 0, tmp_path / "x.png", images_dir=tmp_path / "no_such_dir")
+
+
+def test_extract_errors(tmp_path):
+    from acf_fast.extract import extract
+
+    with pytest.raises((FileNotFoundError, RuntimeError)):
+        extract(tmp_path / "no_images", tmp_path / "f.h5", random_weights=True)
+
+
+def test_cli_reports_errors_in_one_line(tmp_path, capsys):
+    rc = cli_main(["prepare", str(tmp_path / "gone.csv"), str(tmp_path / "f.h5"), str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("acf-fast: error:") and "f.h5" in err
