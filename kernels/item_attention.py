@@ -18,7 +18,6 @@ No atomics: one writer per output element, deterministic.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
