@@ -13,7 +13,7 @@ cd "$REPO"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET                 # real kernels on the GPU
 export TRITON_DEFAULT_FP_FUSION=1      # newer triton warns when unset; same default
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 LOGS="${OUT:-${TMPDIR:-/tmp}/acf_gpu_check}"
 mkdir -p "$LOGS"
 TEST_LIMIT="${TEST_LIMIT:-100}"

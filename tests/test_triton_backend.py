@@ -5,7 +5,6 @@ really execute, in numpy). Shapes are small because the interpreter runs every
 program instance one after another.
 """
 
-
 import pytest
 import torch
 
