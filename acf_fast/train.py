@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import make_checkpoint, read_checkpoint, save_checkpoint
+from . import distributed
+from .checkpoint import make_checkpoint, read_checkpoint
 from .data.formats import TripletSet, read_triplets
 from .data.sampling import load_manifest
 from .losses import get_loss
@@ -122,7 +123,10 @@ class Trainer:
         self.train_set: TripletSet = read("train")
         self.val_set: TripletSet | None = read("validation") if self.manifest.get(
             "n_validation_triplets", 1) else None
-        self.device = torch.device(config.device)
+        # under torchrun: the process group, and this rank's device (cuda:LOCAL_RANK on GPUs)
+        self.dist = distributed.init_distributed(config.device)
+        self.device = self.dist.device
+        distributed.prepare_feature_cache(self.features, DTYPES[config.feature_dtype])
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)                   # parameter init is reproducible
@@ -130,6 +134,7 @@ class Trainer:
                          model_dim=config.model_dim, backend=config.backend,
                          feature_dtype=DTYPES[config.feature_dtype],
                          max_profile_size=config.max_profile_size).to(self.device)
+        self.net = distributed.wrap_model(self.model)   # DDP under torchrun, else self.model
         check_feature_count(self.model, self.n_items, self.features)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
                                           weight_decay=config.weight_decay)
@@ -148,11 +153,15 @@ class Trainer:
             torch_rng_state=torch.get_rng_state())
 
     def save(self, name: str) -> Path:
-        return save_checkpoint(self.checkpoint(), self.out / name)
+        return distributed.save_on_main(self.checkpoint, self.out / name)   # rank 0 writes
 
     def resume(self, path=None) -> bool:
         """Load last.pt (or `path`); returns False when there is nothing to resume."""
         path = Path(path) if path else self.out / LAST
+        seen = distributed.all_gather_object(path.exists())   # under torchrun: every rank's view
+        if any(seen) and not all(seen):
+            raise RuntimeError(f"{path} exists for some ranks only: put the output folder on a "
+                               "filesystem every node shares to resume a multi-node run")
         if not path.exists():
             return False
         ckpt = read_checkpoint(path)
@@ -181,20 +190,35 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.train_set) / self.cfg.batch_size)
 
+    def _loss(self, idx: torch.Tensor):
+        """(loss to backward, None) for global batch `idx`. Under torchrun: this rank's piece
+        of it through DDP, the loss scaled so that DDP's gradient average is the
+        single-process gradient, and the global batch's loss value (acf_fast.distributed)."""
+        if not self.dist.is_distributed:
+            ps, ns = self.model(*self._batch(self.train_set, idx))
+            return self.loss_fn(ps, ns), None
+        local, n_real = distributed.split_global_batch(idx, self.dist.rank, self.dist.world_size)
+        ps, ns = self.net(*self._batch(self.train_set, local))
+        loss, local_sum = distributed.distributed_loss(self.cfg.loss, ps, ns, n_real, idx.numel())
+        return loss, distributed.global_loss_value(local_sum, idx.numel())
+
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> dict:
         if self.val_set is None or len(self.val_set) == 0:
             return {}
         self.model.eval()
-        total, count = 0.0, 0
-        for s in range(0, len(self.val_set), self.cfg.batch_size):
-            idx = torch.arange(s, min(s + self.cfg.batch_size, len(self.val_set)))
+        starts = range(0, len(self.val_set), self.cfg.batch_size)
+        mine = range(self.dist.rank, len(starts), self.dist.world_size)   # whole batches per rank
+        sums = []
+        for b in mine:
+            idx = torch.arange(starts[b], min(starts[b] + self.cfg.batch_size, len(self.val_set)))
             u, p, pos, neg = self._batch(self.val_set, idx)
             ps, ns = self.model(u, p, pos, neg)
-            total += float(self.loss_fn(ps, ns)) * idx.numel()
-            count += idx.numel()
-        out = {"val_loss": total / count}
+            sums.append(float(self.loss_fn(ps, ns)) * idx.numel())
+        # summed in batch order, as one process does: the same value on every rank
+        total = sum(distributed.gather_ordered(sums, list(mine), len(starts)))
+        out = {"val_loss": total / len(self.val_set)}
         out.update(self._validation_ranking())
         self.model.train()
         return out
@@ -206,11 +230,12 @@ class Trainer:
             return {}
         gen = torch.Generator().manual_seed(self.cfg.seed + 17)
         pick = torch.randperm(len(self.val_set), generator=gen)[:n]
-        ranks = []
-        for s in range(0, n, 256):
-            u, p, pos, _ = self._batch(self.val_set, pick[s:s + 256])
-            ranks.append(profile_excluded_ranks(self.model, u, p, pos[:, None]).cpu())
-        r = torch.cat(ranks).numpy()
+        ranks, positions = [np.zeros((0, 1), dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+        for s, e in distributed.shard_blocks(n, 256):       # blocks dealt to ranks, then gathered
+            u, p, pos, _ = self._batch(self.val_set, pick[s:e])
+            ranks.append(profile_excluded_ranks(self.model, u, p, pos[:, None]).cpu().numpy())
+            positions.append(np.arange(s, e))
+        r = distributed.gather_rows({"rank": np.concatenate(ranks)}, np.concatenate(positions), n)["rank"]
         m = ranking_metrics(r, np.ones(n), self.n_items, ks=(20,))
         return {"val_auc": float(m["AUC"].mean()), "val_rr": float(m["RR"].mean())}
 
@@ -224,20 +249,19 @@ class Trainer:
         while not st.finished and st.epoch < cfg.epochs:
             perm = epoch_permutation(n, cfg.seed, st.epoch)
             bar = tqdm(total=steps, initial=st.step, desc=f"epoch {st.epoch + 1}/{cfg.epochs}",
-                       unit="batch", disable=not cfg.progress, dynamic_ncols=True)
+                       unit="batch", disable=not cfg.progress or not self.dist.is_main,
+                       dynamic_ncols=True)
             t0, seen = time.perf_counter(), 0
             while st.step < steps:
                 if cfg.max_steps is not None and st.global_step >= cfg.max_steps:
                     bar.close()
                     return self.summary()
                 idx = perm[st.step * bs:(st.step + 1) * bs]
-                u, p, pos, neg = self._batch(self.train_set, idx)
                 self.optimizer.zero_grad(set_to_none=True)
-                ps, ns = self.model(u, p, pos, neg)
-                loss = self.loss_fn(ps, ns)
+                loss, value = self._loss(idx)
                 loss.backward()
                 self.optimizer.step()
-                value = loss.item()
+                value = loss.item() if value is None else value
                 self.step_losses.append(value)
                 st.loss_sum += value
                 st.step += 1
@@ -273,6 +297,8 @@ class Trainer:
         if improved:
             self.save(BEST)
         self.save(LAST)
+        if not self.dist.is_main:    # rank 0 writes and prints for all
+            return
         # the whole history, rewritten atomically: a resumed run never duplicates or loses a line
         tmp = self.out / ".history.json.tmp"
         tmp.write_text(json.dumps(st.history, indent=1))
@@ -305,6 +331,6 @@ def train(config: TrainConfig | None = None, resume: bool = False, **kwargs) -> 
     cfg = config or TrainConfig(**kwargs)
     trainer = Trainer(cfg)
     if resume and not trainer.resume():
-        if cfg.progress:
+        if cfg.progress and distributed.is_main():
             print(f"nothing to resume in {cfg.out_dir}; starting from scratch")
     return trainer.fit()
