@@ -136,6 +136,8 @@ def _ks(text: str) -> tuple[int, ...]:
 
 
 def run(args) -> int:
+    from .distributed import is_main
+
     cmd = args.command
     if cmd == "synth":
         from .data.synth import synth
@@ -162,7 +164,8 @@ def run(args) -> int:
                           backend=args.backend, device=args.device, feature_dtype=args.feature_dtype,
                           max_steps=args.max_steps)
         s = train(cfg, resume=args.resume)
-        print(f"best epoch {s['best_epoch']}; checkpoints: {s['best_checkpoint']}, {s['last']}")
+        if is_main():   # under torchrun, rank 0 speaks for all
+            print(f"best epoch {s['best_epoch']}; checkpoints: {s['best_checkpoint']}, {s['last']}")
     elif cmd == "evaluate":
         from .evaluate import evaluate
 
@@ -170,7 +173,7 @@ def run(args) -> int:
         r = evaluate(args.checkpoint, args.data, args.out, features=args.features, ks=_ks(args.ks),
                      protocols=protocols, memory_mb=args.memory_mb, backend=args.backend,
                      device=args.device, plot=not args.no_plot)
-        if args.out:
+        if args.out and is_main():
             print("written: " + ", ".join(r["files"].values()))
     elif cmd == "recommend":
         from .recommend import recommend
@@ -222,6 +225,10 @@ def main(argv=None) -> int:
             raise
         print(f"acf-fast: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        from .distributed import shutdown
+
+        shutdown()   # the process group `train` / `evaluate` started under torchrun, if any
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data.formats import EvaluationGroups, profiles_to_matrix, read_evaluation
 from .data.history import UserHistory
 from .data.sampling import load_manifest
@@ -110,9 +111,13 @@ def evaluate_groups(model: ACF, groups: EvaluationGroups, history: UserHistory |
     per = {p: [] for p in protocols}
     history_len = []
     model.eval()
-    bar = tqdm(total=len(groups), desc="evaluating", unit="user", disable=not progress)
-    for s in range(0, len(groups), block):
-        idx = np.arange(s, min(s + block, len(groups)))
+    # under torchrun each rank takes whole blocks (the same shapes one process computes) and
+    # the per-group rows are gathered back into order: metrics equal one process's bit for bit
+    blocks = distributed.shard_blocks(len(groups), block)
+    bar = tqdm(total=sum(e - s for s, e in blocks), desc="evaluating", unit="user",
+               disable=not progress or not distributed.is_main())
+    for s, e in blocks:
+        idx = np.arange(s, e)
         users = torch.from_numpy(groups.user[idx]).to(device)
         prof_full = torch.from_numpy(groups.profile[idx]).to(device)
         prof_in = torch.from_numpy(model_profiles(groups.profile[idx], max_profile_size)).to(device)
@@ -134,10 +139,13 @@ def evaluate_groups(model: ACF, groups: EvaluationGroups, history: UserHistory |
             per[p].append(ranking_metrics(ranks.cpu().numpy(), n_t, n_cand, ks, PROTOCOLS[p]))
         bar.update(idx.size)
     bar.close()
-    out = {p: {k: np.concatenate([b[k] for b in per[p]]) for k in per[p][0]} for p in protocols}
+    positions = np.concatenate([np.arange(s, e) for s, e in blocks] or [np.zeros(0, np.int64)])
+    gather = lambda rows: distributed.gather_rows(rows, positions, len(groups))
+    out = {p: gather({k: np.concatenate([b[k] for b in per[p]]) for k in (per[p][0] if per[p] else ())})
+           for p in protocols}
     sizes = {"n_targets": groups.n_targets, "profile_size": groups.profile_size}
-    if history_len:
-        sizes["history_size"] = np.concatenate(history_len)
+    if history is not None:
+        sizes["history_size"] = gather({"h": np.concatenate(history_len or [np.zeros(0, np.int64)])})["h"]
     return {"per_group": out, "sizes": sizes}
 
 
@@ -164,6 +172,8 @@ def evaluate(checkpoint, data_dir, out_dir=None, features=None, ks=KS,
     manifest = load_manifest(data_dir)
     data = Path(data_dir)
     n_users, n_items = manifest["n_users"], manifest["n_items"]
+    device = distributed.init_distributed(device).device    # cuda:LOCAL_RANK under torchrun
+    distributed.prepare_feature_cache(features or manifest["features"])   # built once, then mapped
     model = load_model(checkpoint, features or manifest["features"], backend, device, n_users, n_items)
     groups = read_evaluation(data / manifest["files"]["evaluation"], n_users=n_users, n_items=n_items)
     history = UserHistory.load(data / manifest["files"]["history"]) if "standard" in protocols else None
@@ -185,12 +195,13 @@ def evaluate(checkpoint, data_dir, out_dir=None, features=None, ks=KS,
     report["table"] = format_table({f"ACF ({p})": summary[p] for p in protocols}, names)
     if extra:
         report["table_extra"] = format_table({f"ACF ({p})": summary[p] for p in protocols}, extra)
-    if print_table:
+    if print_table and distributed.is_main():
         print(report["table"])
         if extra:
             print(report["table_extra"])
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_main():
         write_report(report, Path(out_dir), plot)
+    distributed.barrier()        # the report exists before any rank returns
     return report
 
 
