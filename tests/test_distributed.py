@@ -388,6 +388,80 @@ def test_two_process_run_is_quick(dist_run):
     assert dist_run[2] < 60
 
 
+
+# ---------------------------------------------------------------------------- the CLI under torchrun
+def torchrun(args: list[str], cwd, timeout: float = LAUNCH_TIMEOUT_S) -> str:
+    """`torchrun --nproc_per_node=2 -m acf_fast ARGS` on 127.0.0.1 (static rendezvous)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD}",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "acf_fast", *args]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    try:
+        done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:   # run() kills the launcher; its workers die with it
+        raise AssertionError(f"torchrun timed out: {exc.stdout}{exc.stderr}") from None
+    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def pipeline_data(tmp_path_factory):
+    pytest.importorskip("acf_fast.cli")
+    from acf_fast.data.sampling import prepare
+    from acf_fast.data.synth import synth
+
+    root = tmp_path_factory.mktemp("pipeline")
+    raw = synth(root / "raw", progress=False, n_users=40, n_items=80, feature_dim=8, n_concepts=4,
+                images=False)
+    # 320 triplets: batches of 128, 128, 64 -> pieces of 64 + 64 and 32 + 32 per rank
+    prepare(raw["interactions"], raw["features_npy"], root / "data", n_train=300, n_validation=60,
+            progress=False)
+    return root
+
+
+def test_torchrun_train_matches_single_process(pipeline_data):
+    """`torchrun --nproc_per_node=2 -m acf_fast train` == `acf-fast train`: same losses, same
+    validation metrics, same parameters up to fp32 rounding; rank 0 alone writes the files."""
+    from acf_fast.train import TrainConfig, train
+
+    root = pipeline_data
+    common = dict(epochs=1, model_dim=8, backend="reference", val_rank_samples=50, seed=3)
+    train(TrainConfig(data_dir=str(root / "data"), out_dir=str(root / "single"), progress=False, **common))
+    torchrun(["train", str(root / "data"), str(root / "dist"), "--epochs", "1", "--model-dim", "8",
+              "--backend", "reference", "--val-rank-samples", "50", "--seed", "3"], cwd=root)
+    one, two = (torch.load(root / d / "last.pt", weights_only=False) for d in ("single", "dist"))
+    for key, value in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-4, atol=5e-4)
+    (h1,), (h2,) = one["train_state"]["history"], two["train_state"]["history"]
+    assert h1.keys() == h2.keys()
+    for key in h1:
+        assert h2[key] == pytest.approx(h1[key], rel=1e-5), key
+    assert one["train_state"]["global_step"] == two["train_state"]["global_step"] == 3
+    assert len(json.loads((root / "dist" / "history.json").read_text())) == 1
+    # rank 0 alone wrote: no second rank's temporary files left behind
+    assert sorted(p.name for p in (root / "dist").iterdir()) == ["best.pt", "history.json", "last.pt"]
+
+
+def test_torchrun_evaluate_equals_single_process_exactly(pipeline_data):
+    """`torchrun ... evaluate` writes the very metrics.json a single process writes."""
+    from acf_fast.train import TrainConfig, train
+
+    root = pipeline_data
+    ckpt = root / "eval_model" / "last.pt"
+    if not ckpt.exists():
+        train(TrainConfig(data_dir=str(root / "data"), out_dir=str(ckpt.parent), epochs=1, model_dim=8,
+                          backend="reference", val_rank_samples=10, progress=False))
+    # a small memory budget makes several blocks of users, dealt out to the 2 ranks
+    args = [str(ckpt), str(root / "data"), "--no-plot", "--backend", "reference", "--memory-mb", "0.01"]
+    from acf_fast.cli import main
+
+    assert main(["evaluate", *args, "--out", str(root / "eval_single")]) == 0
+    out = torchrun(["evaluate", *args, "--out", str(root / "eval_dist")], cwd=root)
+    assert out.count("ACF (tutorial)") == 2                   # rank 0 prints (two tables), rank 1 not
+    single = json.loads((root / "eval_single" / "metrics.json").read_text())
+    dist = json.loads((root / "eval_dist" / "metrics.json").read_text())
+    assert dist == single
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "worker":
         worker(Path(sys.argv[2]))
