@@ -48,12 +48,17 @@ class ACF(nn.Module):
         an in-memory tensor [N, 7, 7, F], [N, F, 7, 7] or [N, M, F] (row i = item id i+1).
     feature_dtype: float32 (default), or float16 / bfloat16 to halve the table.
     backend: "auto", "reference", "cpu" or "triton" (see acf_fast.backend).
+    features_on_host: keep the feature table in host memory when the module moves to a
+        GPU (as the tutorial does: each batch's features are gathered on the host and
+        copied over). For tables larger than GPU memory; slower.
     """
 
     def __init__(self, users, items, feature_path=None, model_dim=128, input_feature_dim=0,
                  tied_item_embedding=True, device=None, *, features=None,
-                 feature_dtype=torch.float32, backend="auto", max_profile_size=9):
+                 feature_dtype=torch.float32, backend="auto", max_profile_size=9,
+                 features_on_host=False):
         super().__init__()
+        self.features_on_host = bool(features_on_host)
         if (feature_path is None) == (features is None):
             raise ValueError("give exactly one of feature_path= or features=")
         self.pad_token = PAD
@@ -101,7 +106,8 @@ class ACF(nn.Module):
         finally:
             target = fn(torch.empty(0, dtype=table.dtype, device=table.device))
             dtype = table.dtype if table.dtype in (torch.float16, torch.bfloat16) else target.dtype
-            self._buffers["feature_table"] = table.to(device=target.device, dtype=dtype)
+            dev = table.device if self.features_on_host else target.device
+            self._buffers["feature_table"] = table.to(device=dev, dtype=dtype)
         return self
 
     # ------------------------------------------------------------------ properties

@@ -109,14 +109,16 @@ class ACFUserNet(nn.Module):
         return output
 
 
-def gather_features(table: torch.Tensor, profile_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The tutorial's per-batch gather: [B, P] ids -> [B, P, M, F] in the compute dtype."""
-    return table[profile_ids].to(dtype)
+def gather_features(table: torch.Tensor, profile_ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The tutorial's per-batch gather: [B, P] ids -> [B, P, M, F] in `like`'s dtype and
+    on its device (a host-resident table is gathered on the host, then copied over)."""
+    gathered = table[profile_ids.to(table.device)]
+    return gathered.to(device=like.device, dtype=like.dtype)
 
 
 def user_vectors(model, user_ids, profile_ids, profile_mask, return_attentions=False):
     features = gather_features(model.feature_table, profile_ids,
-                               model.user_model.user_embedding.weight.dtype)
+                               model.user_model.user_embedding.weight)
     out = model.user_model(user_ids, profile_ids, features, profile_mask, return_attentions)
     if return_attentions:
         return out["user"], out["profile_attentions"], out["component_attentions"]

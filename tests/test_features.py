@@ -137,3 +137,12 @@ def test_table_follows_device_and_not_the_state_dict():
     m = ACF(3, 5, features=torch.rand(5, 49, 4), model_dim=4)
     assert "feature_table" not in m.state_dict()
     assert m.double().feature_table.dtype == torch.float64
+
+
+def test_features_on_host_stay_on_host_when_the_module_moves():
+    m = ACF(3, 5, features=torch.rand(5, 49, 4), model_dim=4, features_on_host=True)
+    m.to("meta")
+    assert m.item_model.weight.device.type == "meta"
+    assert m.feature_table.device.type == "cpu"
+    m2 = ACF(3, 5, features=torch.rand(5, 49, 4), model_dim=4).to("meta")
+    assert m2.feature_table.device.type == "meta"
