@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--images", default=None, help="folder with the item images (names as in the features)")
     p.add_argument("--planted", default=None, help="synthetic ground truth (planted.npz) to outline")
-    p.add_argument("--exclude-consumed", action="store_true")
+    p.add_argument("--exclude", default="profile", choices=["profile", "train", "none"],
+                   help="items left out of the top-k (default: the profile shown, as in the tutorial)")
     _add_runtime(p)
 
     p = sub.add_parser("extract", help="ResNet50 layer4 features of an image folder (.h5)")
@@ -117,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synth, prepare, train, evaluate, explain in a few minutes")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--n-train", type=int, default=60_000)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--n-train", type=int, default=40_000)
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -189,7 +190,7 @@ def run(args) -> int:
         from .explain import explain
 
         e = explain(args.checkpoint, args.data, args.user, args.out, k=args.k, images_dir=args.images,
-                    features=args.features, exclude_consumed=args.exclude_consumed,
+                    features=args.features, exclude=args.exclude,
                     planted=args.planted, backend=args.backend, device=args.device)
         print(f"written: {e['png']} (hits in top-{args.k}: {len(e['hits'])})")
     elif cmd == "extract":

@@ -27,12 +27,19 @@ HIT, CONSUMED, OTHER = "#1a9850", "#7f7f7f", "#4575b4"
 
 @torch.no_grad()
 def user_explanation(model, history: UserHistory, user: int, k: int = 10,
-                     exclude_consumed: bool = False, max_profile_size: int = 9) -> dict:
-    """alpha, beta and top-k for one user (item ids 1-based)."""
+                     exclude: str = "profile", max_profile_size: int = 9) -> dict:
+    """alpha, beta and top-k for one user (item ids 1-based).
+
+    exclude: "profile" (the items shown, as the tutorial protocol does), "train" (every
+    training item) or "none"; older consumed items that remain are marked in the figure.
+    """
+    if exclude not in ("profile", "train", "none"):
+        raise ValueError(f"exclude must be 'profile', 'train' or 'none', got {exclude!r}")
     users = history.check_users([user])
     device = model.item_model.weight.device
     prof = torch.from_numpy(history.last_profiles(users, max_profile_size)).to(device)
-    excl = torch.from_numpy(history.padded(users, "train")).to(device) if exclude_consumed else None
+    excl = (prof if exclude == "profile" else None if exclude == "none"
+            else torch.from_numpy(history.padded(users, "train")).to(device))
     u = torch.from_numpy(users).to(device)
     (scores, items), alpha, beta = model.recommend_all(u, prof, return_attentions=True, k=k, exclude=excl)
     mask = prof[0] > 0
@@ -98,8 +105,13 @@ def draw_explanation(exp: dict, path, images_dir=None, names=None, planted=None)
         hit = item in exp["hits"]
         ax.set_xlabel(f"{item - 1}" + (" (hit)" if hit else ""), fontsize=8)
 
-    axes[1, 0].set_title(f"Consumed (n={len(exp['profile'])}): alpha, beta heat map", loc="left",
-                         fontsize=10, pad=14)
+    axes[1, 0].set_title(f"Consumed (n={len(exp['profile'])}): item attention alpha; component "
+                         "attention beta as heat map (one colour scale for all)"
+                         + ("; planted cells outlined" if planted is not None else ""),
+                         loc="left", fontsize=10, pad=14)
+    # one colour scale for the whole row, starting at 0: a flat beta looks flat instead of
+    # having its tiny differences stretched over the full colour map
+    vmax = max([max(b) for b in exp["beta"]] + [2.0 / (GRID * GRID)])
     for c, (item, a, b) in enumerate(zip(exp["profile"], exp["alpha"], exp["beta"])):
         ax = axes[1, c]
         ax.axis("on")
@@ -107,10 +119,11 @@ def draw_explanation(exp: dict, path, images_dir=None, names=None, planted=None)
         img = _load_image(images_dir, names, item)
         if img is not None:
             h, w = img.shape[:2]
-            ax.imshow(img)
-            ax.imshow(beta, cmap="inferno", alpha=0.55, extent=(0, w, h, 0), interpolation="bilinear")
+            ax.imshow(img.mean(axis=2), cmap="gray", vmin=0, vmax=255)
+            ax.imshow(beta, cmap="inferno", alpha=0.6, extent=(0, w, h, 0), interpolation="bilinear",
+                      vmin=0, vmax=vmax)
         else:
-            ax.imshow(beta, cmap="inferno", interpolation="nearest")
+            ax.imshow(beta, cmap="inferno", interpolation="nearest", vmin=0, vmax=vmax)
         if planted is not None:
             cells = np.flatnonzero(planted[item - 1])
             scale = (img.shape[1] / GRID) if img is not None else 1.0
@@ -120,7 +133,7 @@ def draw_explanation(exp: dict, path, images_dir=None, names=None, planted=None)
                 ax.add_patch(__import__("matplotlib").patches.Rectangle(
                     (q * scale + off, r * scale + off), scale, scale, fill=False, edgecolor="cyan", lw=0.8))
         _frame(ax, CONSUMED, 1.0)
-        ax.set_xlabel(f"{item - 1}  attn={a:.3f}", fontsize=8)
+        ax.set_xlabel(f"{item - 1}  attn={a:.3f}\nmax beta={beta.max():.2f}", fontsize=8)
 
     axes[2, 0].set_title(f"Recommendation (n={len(exp['top_k'])}): green = hit, grey = consumed",
                          loc="left", fontsize=10, pad=14)
@@ -138,23 +151,23 @@ def draw_explanation(exp: dict, path, images_dir=None, names=None, planted=None)
         mark = " hit" if item in exp["hits"] else " consumed" if item in consumed else ""
         ax.set_xlabel(f"{item - 1} ({s:.2f}){mark}", fontsize=8)
     fig.suptitle(f"user {exp['user']}", fontsize=11)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.subplots_adjust(wspace=0.35, hspace=0.6)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
 def explain(checkpoint, data_dir, user: int, out, k: int = 10, images_dir=None, features=None,
-            exclude_consumed: bool = False, planted=None, backend: str = "auto",
+            exclude: str = "profile", planted=None, backend: str = "auto",
             device: str = "cpu") -> dict:
     """Write `out` (PNG) and `out` with .json (the numbers drawn); returns that dict."""
     manifest = load_manifest(data_dir)
     features = features or manifest["features"]
     history = UserHistory.load(Path(data_dir) / manifest["files"]["history"])
     model = load_model(checkpoint, features, backend, device, manifest["n_users"], manifest["n_items"])
-    exp = user_explanation(model, history, int(user), k, exclude_consumed,
+    exp = user_explanation(model, history, int(user), k, exclude,
                            getattr(model, "max_profile_size", 9))
     names = None
     if images_dir is not None:

@@ -17,8 +17,9 @@ from acf_fast.data.formats import read_evaluation
 from acf_fast.data.history import UserHistory
 from acf_fast.data.sampling import prepare
 from acf_fast.data.synth import load_planted, synth
-from acf_fast.evaluate import evaluate, load_model, model_profiles
+from acf_fast.evaluate import evaluate, load_model
 from acf_fast.explain import explain
+from acf_fast.pipeline import planted_attention_ratio
 from acf_fast.recommend import recommend
 from acf_fast.train import TrainConfig, train
 
@@ -43,17 +44,12 @@ def test_auc_and_planted_attention(trained):
                       print_table=False)
     auc = report["metrics"]["tutorial"]["AUC"]
     assert auc >= 0.75, report["table"]
+    print(f"tutorial AUC {auc:.4f}")
 
     model = load_model(root / "run" / "last.pt", s["features_h5"], "auto", "cpu")
     groups = read_evaluation(root / "prep" / "naive-user-evaluation.csv")
-    prof = torch.from_numpy(model_profiles(groups.profile, 9))
-    with torch.no_grad():
-        _, _, beta = model.user_vectors(torch.from_numpy(groups.user), prof, return_attentions=True)
-    planted = torch.from_numpy(load_planted(s["planted"])["planted_cells"])[(prof - 1).clamp(min=0)]
-    real = prof > 0
-    # attention per planted cell relative to the uniform 1/49, averaged over profile items
-    per_cell = (beta * planted).sum(-1) / planted.sum(-1) * 49
-    ratio = float(per_cell[real].mean())
+    ratio = planted_attention_ratio(model, groups, load_planted(s["planted"])["planted_cells"])
+    print(f"planted-cell attention {ratio:.2f}x uniform")
     assert ratio >= 2.0, f"planted cells get {ratio:.2f}x the uniform share"
 
 
