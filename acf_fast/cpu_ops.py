@@ -4,14 +4,18 @@ The ops live in csrc/acf_cpu_*.cpp (added to the acf_fast library with
 TORCH_LIBRARY_FRAGMENT). `register_fake` lets torch.compile trace them;
 `register_autograd` ties each forward to its native backward:
 
-- acf_fast::reduce_items(table, items, W_red, b_red) -> R [K, M, D]:
+- acf_fast::reduce_items(table, items, W_red, b_red, bf16_gemm) -> R [K, M, D]:
   W_red once per distinct item; backward gives (dW_red, db_red) (the table is data).
+  bf16_gemm multiplies a bfloat16 table in bf16 instead of widening it to the compute
+  dtype (see csrc/acf_cpu_reduce.cpp; default from ACF_FAST_BF16_GEMM=1).
 - acf_fast::acf_attention(xy, uc, ut, pp, prof, slot_item, w2, c2, w1, c1)
   -> (user [B, D], alpha [B, P], beta [B, P, M]): both attention levels fused;
   backward recomputes from the saved softmaxes alpha and beta.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -21,16 +25,18 @@ _REGISTERED = False
 
 
 def _reduce_setup(ctx, inputs, output):
-    table, items, weight, _bias = inputs
+    table, items, weight, _bias, bf16_gemm = inputs
+    ctx.bf16_gemm = bf16_gemm
     ctx.save_for_backward(table, items, weight)
 
 
 def _reduce_backward(ctx, grad):
     table, items, weight = ctx.saved_tensors
     if not (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
-        return None, None, None, None
-    dw, db = torch.ops.acf_fast.reduce_items_backward(grad.contiguous(), table, items, weight)
-    return None, None, dw, db
+        return None, None, None, None, None
+    dw, db = torch.ops.acf_fast.reduce_items_backward(grad.contiguous(), table, items, weight,
+                                                      ctx.bf16_gemm)
+    return None, None, dw, db, None
 
 
 def _attention_setup(ctx, inputs, output):
@@ -61,11 +67,11 @@ def register() -> None:
     _ext.load()
 
     @torch.library.register_fake("acf_fast::reduce_items")
-    def _(table, items, weight, bias):
+    def _(table, items, weight, bias, bf16_gemm=False):
         return weight.new_empty((items.shape[0], table.shape[1], weight.shape[0]))
 
     @torch.library.register_fake("acf_fast::reduce_items_backward")
-    def _(grad, table, items, weight):
+    def _(grad, table, items, weight, bf16_gemm=False):
         return weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
 
     @torch.library.register_fake("acf_fast::acf_attention")
@@ -86,10 +92,17 @@ def register() -> None:
     _REGISTERED = True
 
 
-def reduce_items(table, items, weight, bias):
+def bf16_gemm_default() -> bool:
+    """ACF_FAST_BF16_GEMM=1: bf16 tables multiply in bf16 (faster only with AMX-class units)."""
+    return os.environ.get("ACF_FAST_BF16_GEMM", "0") not in ("", "0")
+
+
+def reduce_items(table, items, weight, bias, bf16_gemm: bool | None = None):
     """[K, M, D] = table[items] @ weight.T + bias, in weight's dtype (float32 accumulation)."""
     register()
-    return torch.ops.acf_fast.reduce_items(table, items, weight, bias)
+    if bf16_gemm is None:
+        bf16_gemm = bf16_gemm_default()
+    return torch.ops.acf_fast.reduce_items(table, items, weight, bias, bf16_gemm)
 
 
 def acf_attention(xy, uc, ut, pp, prof, slot_item, w2, c2, w1, c1):

@@ -9,14 +9,16 @@
 namespace acf_fast {
 
 // R[k] = table[items[k]] @ W^T + b for each distinct item: [K, M, D] in W's dtype.
+// bf16_gemm: multiply a bfloat16 table in bf16 (fp32 accumulation) instead of widening it.
 at::Tensor reduce_items_cpu(const at::Tensor& table, const at::Tensor& items,
-                            const at::Tensor& weight, const at::Tensor& bias);
+                            const at::Tensor& weight, const at::Tensor& bias, bool bf16_gemm);
 
 // (dW [D, F], db [D]) for grad = dL/dR [K, M, D].
 std::tuple<at::Tensor, at::Tensor> reduce_items_backward_cpu(const at::Tensor& grad,
                                                              const at::Tensor& table,
                                                              const at::Tensor& items,
-                                                             const at::Tensor& weight);
+                                                             const at::Tensor& weight,
+                                                             bool bf16_gemm);
 
 // Both attention levels and the user vector, per (user, slot), without materialising
 // [B, P, M, H]. xy [K, M, H + D] holds per distinct item W2x r (first H columns) and

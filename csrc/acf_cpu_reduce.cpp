@@ -1,14 +1,27 @@
 // W_red applied once per distinct real item of a batch (SPEC step 1), forward and
 // backward. This is where almost all of ACF's FLOPs are, so it is all GEMM: the items'
-// [M, F] grids are gathered a chunk at a time into a small buffer (the whole gather,
-// up to 460 MB in float32, is never materialised, in either direction) and multiplied
-// by MKL/oneDNN through ATen. A 16-bit table stays 16-bit: bfloat16 goes through MKL's
-// bf16 x bf16 -> fp32 GEMM, which accumulates and writes in float32.
+// [M, F] grids are gathered a chunk at a time into a small per-thread buffer (the whole
+// gather, up to 460 MB in float32, is never materialised, in either direction) and
+// multiplied by MKL. A 16-bit table is read as 16-bit (half the memory traffic of the
+// gather) and widened to the compute dtype chunk by chunk, in cache, before an fp32
+// GEMM: on this project's AVX512-BF16 Xeon (no AMX) one core does 158 GFLOP/s in fp32
+// against 100 in bf16 x bf16 -> fp32, so widening is both faster and exact. With
+// bf16_gemm=True a bfloat16 table goes through MKL's bf16 x bf16 -> fp32 GEMM instead
+// (fp32 accumulation and output; W_red and dL/dR rounded to bf16), for CPUs where that
+// is the faster unit (AMX).
+//
+// Threads work on whole chunks, each with a single-threaded GEMM, inside one parallel
+// region per op: on a busy 2-core machine every fork/join of a threaded GEMM can cost a
+// scheduler quantum, and per-chunk threaded GEMMs had 30 of them per step. It also makes
+// the results independent of the thread count: chunk boundaries are fixed, each output
+// row comes from one sequential GEMM, and W_red's gradient is summed from a fixed number
+// of partial sums in a fixed order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -20,6 +33,9 @@ extern "C" void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m
                                        float alpha, const uint16_t* a, int lda,
                                        const uint16_t* b, int ldb, float beta, float* c,
                                        int ldc) __attribute__((weak));
+// Per-thread MKL thread count (returns the previous one; 0 = back to the global setting).
+// MKL's C entry point; the lower-case symbol is the Fortran one, taking a pointer.
+extern "C" int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 
 namespace acf_fast {
 namespace {
@@ -52,29 +68,45 @@ void check_inputs(const at::Tensor& table, const at::Tensor& items, const at::Te
               "reduce_items: feature table dtype ", tt, " is not supported");
 }
 
-// table[items[first : first + n]] -> buf[:n] ([n, M, F], the table's dtype).
-at::Tensor gather_rows(const at::Tensor& table, const int64_t* ids, int64_t n, at::Tensor& buf) {
+// table[ids[0:n]] -> buf[:n] ([n, M, F], the table's dtype), on the calling thread.
+void gather_rows(const at::Tensor& table, const int64_t* ids, int64_t n, at::Tensor& buf) {
   const int64_t row_bytes = table.stride(0) * table.element_size();
-  const int64_t rows = table.size(0);
   const char* src = static_cast<const char*>(table.const_data_ptr());
   char* dst = static_cast<char*>(buf.data_ptr());
-  for (int64_t j = 0; j < n; ++j)
-    TORCH_CHECK(ids[j] >= 0 && ids[j] < rows, "reduce_items: item id ", ids[j], " out of range");
-  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) std::memcpy(dst + j * row_bytes, src + ids[j] * row_bytes, row_bytes);
-  });
-  return buf.narrow(0, 0, n);
+  for (int64_t j = 0; j < n; ++j) std::memcpy(dst + j * row_bytes, src + ids[j] * row_bytes, row_bytes);
 }
 
-bool use_mkl_bf16(const at::Tensor& table, const at::Tensor& weight) {
-  return table.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kFloat &&
+void check_ids(const int64_t* ids, int64_t n, int64_t rows) {
+  for (int64_t j = 0; j < n; ++j)
+    TORCH_CHECK(ids[j] >= 0 && ids[j] < rows, "reduce_items: item id ", ids[j], " out of range");
+}
+
+// At most this many partial sums of W_red's gradient (1 MB each at the benchmark shape);
+// fixed, not the thread count, so the sum's order never depends on it.
+constexpr int64_t kMaxPartials = 16;
+
+// Inside our parallel region each GEMM must run on its own thread only: MKL would
+// otherwise start nested threads, oversubscribing the cores and splitting reductions
+// differently with the thread count.
+struct SequentialBlas {
+  int previous = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+bool use_mkl_bf16(const at::Tensor& table, const at::Tensor& weight, bool bf16_gemm) {
+  return bf16_gemm && table.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kFloat &&
          cblas_gemm_bf16bf16f32 != nullptr;
 }
 
 }  // namespace
 
 at::Tensor reduce_items_cpu(const at::Tensor& table, const at::Tensor& items,
-                            const at::Tensor& weight, const at::Tensor& bias) {
+                            const at::Tensor& weight, const at::Tensor& bias, bool bf16_gemm) {
   check_inputs(table, items, weight);
   const int64_t K = items.size(0), M = table.size(1), F = table.size(2), D = weight.size(0);
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == D, "reduce_items: bias must be [", D, "]");
@@ -82,43 +114,106 @@ at::Tensor reduce_items_cpu(const at::Tensor& table, const at::Tensor& items,
   if (K == 0) return out;
   const auto ids_t = items.contiguous();
   const int64_t* ids = ids_t.const_data_ptr<int64_t>();
-  const bool mkl = use_mkl_bf16(table, weight);
-  const auto w = mkl ? weight.to(at::kBFloat16).contiguous() : weight.contiguous();
+  check_ids(ids, K, table.size(0));
+  const bool mkl = use_mkl_bf16(table, weight, bf16_gemm);
+  const bool widen = !mkl && table.scalar_type() != weight.scalar_type();
+  // detached: worker threads do not inherit this thread's below-autograd dispatch state
+  const auto w = (mkl ? weight.to(at::kBFloat16) : weight).detach().contiguous();
+  const auto b = bias.to(weight.scalar_type()).detach();
   const int64_t chunk = std::min(chunk_items(), K);
-  auto buf = at::empty({chunk, M, F}, table.options());
-  for (int64_t start = 0; start < K; start += chunk) {
-    const int64_t n = std::min(chunk, K - start);
-    auto x = gather_rows(table, ids + start, n, buf).view({n * M, F});
-    auto r = out.narrow(0, start, n).view({n * M, D});
-    if (mkl) {
-      cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kTrans, int(n * M), int(D), int(F), 1.0f,
-                             reinterpret_cast<const uint16_t*>(x.const_data_ptr()), int(F),
-                             reinterpret_cast<const uint16_t*>(w.const_data_ptr()), int(F), 0.0f,
-                             r.data_ptr<float>(), int(D));
-    } else {
-      at::mm_out(r, x.scalar_type() == w.scalar_type() ? x : x.to(w.scalar_type()), w.t());
+  const int64_t chunks = (K + chunk - 1) / chunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    SequentialBlas sequential;
+    auto buf = at::empty({chunk, M, F}, table.options());
+    auto wide = widen ? at::empty({chunk * M, F}, weight.options()) : at::Tensor();
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t start = c * chunk, n = std::min(chunk, K - start);
+      gather_rows(table, ids + start, n, buf);
+      auto x = buf.narrow(0, 0, n).view({n * M, F});
+      auto r = out.narrow(0, start, n).view({n * M, D});
+      if (mkl) {
+        cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kTrans, int(n * M), int(D), int(F), 1.0f,
+                               reinterpret_cast<const uint16_t*>(x.const_data_ptr()), int(F),
+                               reinterpret_cast<const uint16_t*>(w.const_data_ptr()), int(F),
+                               0.0f, r.data_ptr<float>(), int(D));
+      } else {
+        at::mm_out(r, widen ? wide.narrow(0, 0, n * M).copy_(x) : x, w.t());
+      }
+      r.add_(b);  // while the chunk's output is still in cache
     }
-  }
-  out.add_(bias.to(out.scalar_type()));
+  });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> reduce_items_backward_cpu(const at::Tensor& grad,
                                                              const at::Tensor& table,
                                                              const at::Tensor& items,
-                                                             const at::Tensor& weight) {
+                                                             const at::Tensor& weight,
+                                                             bool bf16_gemm) {
   check_inputs(table, items, weight);
   const int64_t K = items.size(0), M = table.size(1), F = table.size(2), D = weight.size(0);
   TORCH_CHECK(grad.sizes() == at::IntArrayRef({K, M, D}), "reduce_items_backward: grad ",
               grad.sizes(), " expected [", K, ", ", M, ", ", D, "]");
-  auto g = grad.to(weight.scalar_type()).contiguous().view({K * M, D});
+  // detached: worker threads do not inherit this thread's below-autograd dispatch state
+  auto g = grad.to(weight.scalar_type()).detach().contiguous().view({K * M, D});
   auto dw = at::zeros({D, F}, weight.options());
   auto db = at::zeros({D}, weight.options());
   if (K == 0) return {dw, db};
 
-  // db = column sums of g, summed row by row in a fixed order so every thread count
-  // gives the same bits.
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "reduce_items_db", [&] {
+  const auto ids_t = items.contiguous();
+  const int64_t* ids = ids_t.const_data_ptr<int64_t>();
+  check_ids(ids, K, table.size(0));
+  const bool mkl = use_mkl_bf16(table, weight, bf16_gemm);
+  const bool widen = !mkl && table.scalar_type() != weight.scalar_type();
+  // bf16 x bf16 -> fp32: dL/dR is rounded to bf16 like the features; accumulation and
+  // dW stay float32.
+  const auto g16 = mkl ? g.to(at::kBFloat16) : at::Tensor();
+  const int64_t chunk = std::min(chunk_items(), K);
+  const int64_t chunks = (K + chunk - 1) / chunk;
+  // task t sums chunks [t * per, (t + 1) * per) into partial t
+  const int64_t per = (chunks + kMaxPartials - 1) / kMaxPartials;
+  const int64_t tasks = (chunks + per - 1) / per;
+  auto partial = at::empty({tasks, D, F}, weight.options());
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    SequentialBlas sequential;
+    auto buf = at::empty({chunk, M, F}, table.options());
+    auto wide = widen ? at::empty({chunk * M, F}, weight.options()) : at::Tensor();
+    for (int64_t t = t0; t < t1; ++t) {
+      auto part = partial[t];
+      for (int64_t c = t * per; c < std::min(chunks, (t + 1) * per); ++c) {
+        const int64_t start = c * chunk, n = std::min(chunk, K - start);
+        const bool first = c == t * per;
+        gather_rows(table, ids + start, n, buf);
+        auto x = buf.narrow(0, 0, n).view({n * M, F});
+        if (mkl) {
+          auto gs = g16.narrow(0, start * M, n * M);
+          cblas_gemm_bf16bf16f32(kRowMajor, kTrans, kNoTrans, int(D), int(F), int(n * M), 1.0f,
+                                 reinterpret_cast<const uint16_t*>(gs.const_data_ptr()), int(D),
+                                 reinterpret_cast<const uint16_t*>(x.const_data_ptr()), int(F),
+                                 first ? 0.0f : 1.0f, part.data_ptr<float>(), int(F));
+        } else {
+          auto gs = g.narrow(0, start * M, n * M).t();
+          auto xs = widen ? wide.narrow(0, 0, n * M).copy_(x) : x;
+          if (first) at::mm_out(part, gs, xs);
+          else part.addmm_(gs, xs);
+        }
+      }
+    }
+  });
+
+  // dW = partials summed in task order; db = column sums of g in row order. Both split
+  // over columns only, so every thread count gives the same bits.
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "reduce_items_sums", [&] {
+    const scalar_t* pp = partial.const_data_ptr<scalar_t>();
+    scalar_t* dwp = dw.data_ptr<scalar_t>();
+    at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
+      for (int64_t t = 0; t < tasks; ++t)
+        for (int64_t d = d0; d < d1; ++d) {
+          const scalar_t* src = pp + (t * D + d) * F;
+          scalar_t* dst = dwp + d * F;
+          for (int64_t f = 0; f < F; ++f) dst[f] += src[f];
+        }
+    });
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* out = db.data_ptr<scalar_t>();
     const int64_t rows = K * M;
@@ -127,38 +222,16 @@ std::tuple<at::Tensor, at::Tensor> reduce_items_backward_cpu(const at::Tensor& g
         for (int64_t d = b; d < e; ++d) out[d] += gp[r * D + d];
     });
   });
-
-  const auto ids_t = items.contiguous();
-  const int64_t* ids = ids_t.const_data_ptr<int64_t>();
-  const bool mkl = use_mkl_bf16(table, weight);
-  // bf16 x bf16 -> fp32: dL/dR is rounded to bf16 like the features; accumulation and
-  // dW stay float32.
-  const auto g16 = mkl ? g.to(at::kBFloat16) : at::Tensor();
-  const int64_t chunk = std::min(chunk_items(), K);
-  auto buf = at::empty({chunk, M, F}, table.options());
-  for (int64_t start = 0; start < K; start += chunk) {
-    const int64_t n = std::min(chunk, K - start);
-    auto x = gather_rows(table, ids + start, n, buf).view({n * M, F});
-    if (mkl) {
-      auto gs = g16.narrow(0, start * M, n * M);
-      cblas_gemm_bf16bf16f32(kRowMajor, kTrans, kNoTrans, int(D), int(F), int(n * M), 1.0f,
-                             reinterpret_cast<const uint16_t*>(gs.const_data_ptr()), int(D),
-                             reinterpret_cast<const uint16_t*>(x.const_data_ptr()), int(F),
-                             1.0f, dw.data_ptr<float>(), int(F));
-    } else {
-      auto gs = g.narrow(0, start * M, n * M);
-      dw.addmm_(gs.t(), x.scalar_type() == g.scalar_type() ? x : x.to(g.scalar_type()));
-    }
-  }
   return {dw, db};
 }
 
 }  // namespace acf_fast
 
 TORCH_LIBRARY_FRAGMENT(acf_fast, m) {
-  m.def("reduce_items(Tensor table, Tensor items, Tensor weight, Tensor bias) -> Tensor");
-  m.def("reduce_items_backward(Tensor grad, Tensor table, Tensor items, Tensor weight) "
-        "-> (Tensor, Tensor)");
+  m.def("reduce_items(Tensor table, Tensor items, Tensor weight, Tensor bias, "
+        "bool bf16_gemm=False) -> Tensor");
+  m.def("reduce_items_backward(Tensor grad, Tensor table, Tensor items, Tensor weight, "
+        "bool bf16_gemm=False) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(acf_fast, CPU, m) {

@@ -52,23 +52,26 @@ def test_reduce_items_gradcheck():
                                F.linear(table[items], w, b))
 
 
-@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_reduce_items_chunks_and_dtypes(table_dtype):
+@pytest.mark.parametrize("table_dtype,bf16_gemm", [(torch.float32, False), (torch.float16, False),
+                                                   (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["fp32", "fp16", "bf16-widened", "bf16-gemm"])
+def test_reduce_items_chunks_and_dtypes(table_dtype, bf16_gemm):
     """More items than one gather chunk (32), each table dtype, float32 out and gradient."""
     g = torch.Generator().manual_seed(2)
     table = torch.randn(90, 4, 48, generator=g).to(table_dtype)
     items = torch.randperm(90, generator=g)[:70]
     w = torch.randn(12, 48, generator=g, requires_grad=True)
     b = torch.randn(12, generator=g, requires_grad=True)
-    out = cpu_ops.reduce_items(table, items, w, b)
+    out = cpu_ops.reduce_items(table, items, w, b, bf16_gemm=bf16_gemm)
     assert out.dtype == torch.float32
-    # bf16 GEMM rounds W to bf16 as well; fp16 and fp32 tables are exact in float32
-    wq = w.detach().to(table_dtype).float() if table_dtype == torch.bfloat16 else w.detach()
+    # the bf16 GEMM rounds W (and dL/dR) to bf16 as well; the other paths widen the table
+    # and are exact in float32
+    wq = w.detach().to(table_dtype).float() if bf16_gemm else w.detach()
     expect = F.linear(table[items].float(), wq, b.detach())
     torch.testing.assert_close(out.detach(), expect, rtol=1e-5, atol=1e-4)
     grad = torch.randn(out.shape, generator=g)
     out.backward(grad)
-    gq = grad.to(table_dtype).float() if table_dtype == torch.bfloat16 else grad
+    gq = grad.to(table_dtype).float() if bf16_gemm else grad
     dw = gq.reshape(-1, 12).T @ table[items].float().reshape(-1, 48)
     torch.testing.assert_close(w.grad, dw, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(b.grad, grad.sum((0, 1)), rtol=1e-5, atol=1e-4)
@@ -111,10 +114,11 @@ def test_opcheck_attention(dtype):
     torch.library.opcheck(torch.ops.acf_fast.acf_attention.default, args)
 
 
-@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_reduce_items(table_dtype):
+@pytest.mark.parametrize("table_dtype,bf16_gemm", [(torch.float32, False), (torch.bfloat16, False),
+                                                   (torch.bfloat16, True)])
+def test_opcheck_reduce_items(table_dtype, bf16_gemm):
     table = torch.randn(9, 3, 8).to(table_dtype)
     items = torch.tensor([2, 5, 8])
     w = torch.randn(4, 8, requires_grad=True)
     b = torch.randn(4, requires_grad=True)
-    torch.library.opcheck(torch.ops.acf_fast.reduce_items.default, (table, items, w, b))
+    torch.library.opcheck(torch.ops.acf_fast.reduce_items.default, (table, items, w, b, bf16_gemm))

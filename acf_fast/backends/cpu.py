@@ -4,7 +4,8 @@ Plan per batch (SPEC "Cost, for orientation"):
 1. the distinct real items of the batch's profiles (padding skipped) and, per slot,
    the index of its item among them (-1 for padding);
 2. R = W_red x + b_red for those items only (acf_fast::reduce_items: chunked gather +
-   GEMM, bf16 x bf16 -> fp32 for a bf16 table);
+   GEMM; a 16-bit table is read as 16-bit and widened in cache, or with
+   ACF_FAST_BF16_GEMM=1 multiplied in bf16 with fp32 accumulation);
 3. the GEMMs that do not depend on the (user, slot) pair, by ATen: [W2x; W1x] R per
    item, W2u u and W1u u per user, W1p p per slot (biases folded where cheapest);
 4. acf_fast::acf_attention: both softmaxes and the user vector, fused per user.
