@@ -120,7 +120,7 @@ def draw_explanation(exp: dict, path, images_dir=None, names=None, planted=None)
         if img is not None:
             h, w = img.shape[:2]
             ax.imshow(img.mean(axis=2), cmap="gray", vmin=0, vmax=255)
-            ax.imshow(beta, cmap="inferno", alpha=0.6, extent=(0, w, h, 0), interpolation="bilinear",
+            ax.imshow(beta, cmap="inferno", alpha=0.45, extent=(0, w, h, 0), interpolation="bilinear",
                       vmin=0, vmax=vmax)
         else:
             ax.imshow(beta, cmap="inferno", interpolation="nearest", vmin=0, vmax=vmax)
