@@ -68,13 +68,47 @@ void check_inputs(const at::Tensor& table, const at::Tensor& items, const at::Te
               "reduce_items: feature table dtype ", tt, " is not supported");
 }
 
-// table[ids[0:n]] -> buf[:n] ([n, M, F], the table's dtype), on the calling thread.
-void gather_rows(const at::Tensor& table, const int64_t* ids, int64_t n, at::Tensor& buf) {
-  const int64_t row_bytes = table.stride(0) * table.element_size();
-  const char* src = static_cast<const char*>(table.const_data_ptr());
-  char* dst = static_cast<char*>(buf.data_ptr());
-  for (int64_t j = 0; j < n; ++j) std::memcpy(dst + j * row_bytes, src + ids[j] * row_bytes, row_bytes);
-}
+// One thread's view of a chunk of the gather: table[ids[0:n]] as an [n * M, F] matrix
+// in the GEMM's input dtype, built in buffers reused from chunk to chunk.
+class ChunkLoader {
+ public:
+  ChunkLoader(const at::Tensor& table, int64_t chunk, at::ScalarType gemm_dtype)
+      : table_(table), M_(table.size(1)), F_(table.size(2)),
+        buf_(at::empty({chunk, M_, F_}, table.options())) {
+    if (gemm_dtype != table.scalar_type())
+      wide_ = at::empty({chunk * M_, F_}, table.options().dtype(gemm_dtype));
+  }
+
+  at::Tensor load(const int64_t* ids, int64_t n) {
+    if (wide_.defined() && table_.scalar_type() == at::kBFloat16 &&
+        wide_.scalar_type() == at::kFloat)
+      return load_bf16_widened(ids, n);
+    const int64_t row_bytes = M_ * F_ * table_.element_size();
+    const char* src = static_cast<const char*>(table_.const_data_ptr());
+    char* dst = static_cast<char*>(buf_.data_ptr());
+    for (int64_t j = 0; j < n; ++j) std::memcpy(dst + j * row_bytes, src + ids[j] * row_bytes, row_bytes);
+    auto x = buf_.narrow(0, 0, n).view({n * M_, F_});
+    return wide_.defined() ? wide_.narrow(0, 0, n * M_).copy_(x) : x;
+  }
+
+ private:
+  // bf16 -> fp32 is a 16-bit shift: done while gathering, one pass instead of two.
+  at::Tensor load_bf16_widened(const int64_t* ids, int64_t n) {
+    const int64_t row = M_ * F_;
+    const auto* src = static_cast<const uint16_t*>(table_.const_data_ptr());
+    auto* dst = static_cast<uint32_t*>(wide_.data_ptr());
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t* __restrict s = src + ids[j] * row;
+      uint32_t* __restrict d = dst + j * row;
+      for (int64_t e = 0; e < row; ++e) d[e] = uint32_t(s[e]) << 16;
+    }
+    return wide_.narrow(0, 0, n * M_);
+  }
+
+  const at::Tensor& table_;
+  int64_t M_, F_;
+  at::Tensor buf_, wide_;
+};
 
 void check_ids(const int64_t* ids, int64_t n, int64_t rows) {
   for (int64_t j = 0; j < n; ++j)
@@ -124,12 +158,10 @@ at::Tensor reduce_items_cpu(const at::Tensor& table, const at::Tensor& items,
   const int64_t chunks = (K + chunk - 1) / chunk;
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     SequentialBlas sequential;
-    auto buf = at::empty({chunk, M, F}, table.options());
-    auto wide = widen ? at::empty({chunk * M, F}, weight.options()) : at::Tensor();
+    ChunkLoader loader(table, chunk, widen ? weight.scalar_type() : table.scalar_type());
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t start = c * chunk, n = std::min(chunk, K - start);
-      gather_rows(table, ids + start, n, buf);
-      auto x = buf.narrow(0, 0, n).view({n * M, F});
+      auto x = loader.load(ids + start, n);
       auto r = out.narrow(0, start, n).view({n * M, D});
       if (mkl) {
         cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kTrans, int(n * M), int(D), int(F), 1.0f,
@@ -137,7 +169,7 @@ at::Tensor reduce_items_cpu(const at::Tensor& table, const at::Tensor& items,
                                reinterpret_cast<const uint16_t*>(w.const_data_ptr()), int(F),
                                0.0f, r.data_ptr<float>(), int(D));
       } else {
-        at::mm_out(r, widen ? wide.narrow(0, 0, n * M).copy_(x) : x, w.t());
+        at::mm_out(r, x, w.t());
       }
       r.add_(b);  // while the chunk's output is still in cache
     }
@@ -176,15 +208,13 @@ std::tuple<at::Tensor, at::Tensor> reduce_items_backward_cpu(const at::Tensor& g
   auto partial = at::empty({tasks, D, F}, weight.options());
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     SequentialBlas sequential;
-    auto buf = at::empty({chunk, M, F}, table.options());
-    auto wide = widen ? at::empty({chunk * M, F}, weight.options()) : at::Tensor();
+    ChunkLoader loader(table, chunk, widen ? weight.scalar_type() : table.scalar_type());
     for (int64_t t = t0; t < t1; ++t) {
       auto part = partial[t];
       for (int64_t c = t * per; c < std::min(chunks, (t + 1) * per); ++c) {
         const int64_t start = c * chunk, n = std::min(chunk, K - start);
         const bool first = c == t * per;
-        gather_rows(table, ids + start, n, buf);
-        auto x = buf.narrow(0, 0, n).view({n * M, F});
+        auto x = loader.load(ids + start, n);
         if (mkl) {
           auto gs = g16.narrow(0, start * M, n * M);
           cblas_gemm_bf16bf16f32(kRowMajor, kTrans, kNoTrans, int(D), int(F), int(n * M), 1.0f,
@@ -193,9 +223,8 @@ std::tuple<at::Tensor, at::Tensor> reduce_items_backward_cpu(const at::Tensor& g
                                  first ? 0.0f : 1.0f, part.data_ptr<float>(), int(F));
         } else {
           auto gs = g.narrow(0, start * M, n * M).t();
-          auto xs = widen ? wide.narrow(0, 0, n * M).copy_(x) : x;
-          if (first) at::mm_out(part, gs, xs);
-          else part.addmm_(gs, xs);
+          if (first) at::mm_out(part, gs, x);
+          else part.addmm_(gs, x);
         }
       }
     }
