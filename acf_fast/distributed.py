@@ -187,9 +187,12 @@ def context() -> DistContext:
     """The current context (single-process defaults before `init_distributed`)."""
     if _CONTEXT is not None:
         return _CONTEXT
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():   # a group someone else started
+        backend = dist.get_backend()
+        device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
+                  else torch.device("cpu"))
         return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                           backend=dist.get_backend())
+                           device=device, backend=backend)
     return DistContext()
 
 
