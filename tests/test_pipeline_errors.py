@@ -79,7 +79,7 @@ def test_unknown_item_and_feature_count_mismatch(tmp_path, tiny):
     _, s = tiny
     feats = np.ones((10, 8, 7, 7), dtype=np.float32)
     _, small_h5 = write_features(tmp_path, [f"{i}" for i in range(10)], feats)
-    with pytest.raises(ValueError, match=r"unknown item id \d+.*\[0, 9\]"):
+    with pytest.raises(ValueError, match=r"unknown item id \d+.*\[0, 9\].*has 10 items.*do not match"):
         prepare(s["interactions"], small_h5, tmp_path / "o", progress=False)
 
 

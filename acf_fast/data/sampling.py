@@ -179,7 +179,13 @@ def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_valida
     if not features.exists():
         raise FileNotFoundError(f"feature file not found: {features}")
     n_items = feature_item_count(features)
-    inter = read_interactions(interactions, n_items=n_items)
+    try:
+        inter = read_interactions(interactions, n_items=n_items)
+    except ValueError as exc:
+        if "unknown item id" not in str(exc):
+            raise
+        raise ValueError(f"{exc}; the feature file {features} has {n_items} items, so the "
+                         "interactions and the feature file do not match") from None
     split = split_baskets(inter, n_items, holdout_baskets)
     active = int((np.diff(split.train_ptr) > 0).sum())
     n_users = split.n_users
