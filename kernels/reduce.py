@@ -1,31 +1,49 @@
 """Step 1 of ACF: r = W_red x + b_red, once per *distinct* item of a batch.
 
 Two gather-GEMM kernels read the feature table [N+1, M, F] directly through the
-batch's distinct item ids, in the table's stored dtype (fp32, fp16, bf16 or fp64),
-converting each tile to the compute dtype after the load:
+batch's distinct item ids, in the table's stored dtype (fp32, fp16, bf16 or fp64):
 
 - `_reduce_fwd_kernel`:   r[u*M + m, :] = table[ids[u], m, :] @ W_red^T + b_red
 - `_reduce_wgrad_kernel`: dW_red = sum over rows of dr[row, :]^T table[row, :]
-                          (split over row ranges; the splits are summed by the host
+                          (split-K over row ranges; the splits are summed by the host
                           in a fixed order, so the result is deterministic: no atomics)
 
-Why a Triton gather-GEMM and not "gather, then cuBLAS": the gathered copy is
-U*M*F values (for 700 distinct items, 49 x 2048 each: 280 MB in fp32), written once
-and read once (forward) and again for dW_red (backward). That copy is the largest
-allocation of the whole step and roughly doubles its memory traffic; the
-gather-GEMM reads each needed row of the table straight into the tile it multiplies
-and never materialises it. It also lets a 16-bit table stay 16-bit until it is in
-registers. The price is that a hand-written GEMM is slower than cuBLAS per FLOP;
-at D = 128 the forward is one pass over the table with the whole W_red column
-block resident, which is where Triton is close to cuBLAS anyway.
+Precision (the `LOW` constexpr):
+- 16-bit table, fp32 parameters, sm_80+: tensor cores. The forward multiplies the
+  16-bit rows by W_red rounded to the table's dtype; dW_red multiplies dr rounded to
+  bf16 by the rows (an fp16 table's rows are widened to bf16 there: fp16 would flush
+  the tiny per-component gradients, ~1e-7 at B = 128, to subnormals or zero, which is
+  why mixed-precision training keeps gradients in bf16 or scales the loss). Both
+  accumulate in fp32. This is standard mixed precision: one extra rounding of W_red
+  and of dr, each of the same size as the table's own rounding, so the error stays a
+  small multiple of the reference's (which widens the 16-bit rows to fp32);
+  tests/test_triton_backend.py bounds it against an fp64 model.
+- fp32 table (or fp64 parameters): exact fp32 (fp64) dots, IEEE unless the caller
+  allows TF32 (the backend follows `torch.backends.cuda.matmul.allow_tf32`, the same
+  policy as the reference's cuBLAS matmul).
+- Under TRITON_INTERPRET=1 `LOW` is always off: the interpreter's bf16 `tl.dot`
+  returns garbage, so 16-bit rows are widened to fp32 before the dot there. The
+  tensor-core variants are covered by tests/test_triton_compile.py (sm_80, sm_90)
+  and by GPU runs.
 
-Precision: accumulation is in the compute dtype of the parameters (fp32 or fp64).
-fp32 dots use IEEE fp32 unless the caller asks for TF32 (the backend follows
-`torch.backends.cuda.matmul.allow_tf32`, i.e. the same policy as the reference's
-cuBLAS matmul).
+Why a Triton gather-GEMM and not "gather, then cuBLAS" (measured on an H200 for the
+462 distinct items of a B = 128 batch, forward + dW_red): with the old fp32-CUDA-core
+kernels, gather + cuBLAS won everywhere (bf16: 0.79 vs 2.78 ms; fp32: 0.70 vs 1.23
+ms). Both losses came from the kernels, not from the approach: 16-bit rows were
+widened to fp32 and multiplied on CUDA cores (cuBLAS's bf16 GEMM uses tensor cores),
+and the weight-gradient kernel spilled 444 registers. The gather itself costs a
+write and two reads of U*M*F values (92 MB in bf16, the largest buffer of the step
+and more bytes than the two GEMMs need to read), plus two launches; the gather-GEMM
+reads each row once per GEMM, straight into its tile. So the kernels now use tensor
+cores for 16-bit tables and tiles that do not spill (8 warps for the 128-wide
+accumulators); at these sizes both GEMMs are bound by reading the rows, where a
+Triton kernel with cp.async pipelining is as good as cuBLAS. benchmarks/gpu_bench.py
+keeps the A/B measurement (`reduction_ab`) to re-check the choice on each GPU run.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 import triton
@@ -40,7 +58,7 @@ def _reduce_fwd_kernel(
     n_rows, M, F, D,
     stride_item, stride_comp,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, LOW: tl.constexpr,
 ):
     """One [BLOCK_R, BLOCK_D] tile of r; rows are (distinct item, component) pairs."""
     pid_r = tl.program_id(0)
@@ -56,16 +74,20 @@ def _reduce_fwd_kernel(
 
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    w_base = w_ptr + offs_d[None, :].to(tl.int64) * F
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=acc_dtype)
     for k0 in range(0, F, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < F
         x = tl.load(row_base[:, None] + offs_k[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(acc_dtype)
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         # W_red is [D, F]; read its transpose tile [BLOCK_K, BLOCK_D]
-        w = tl.load(w_ptr + offs_d[None, :].to(tl.int64) * F + offs_k[:, None],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(acc_dtype)
-        acc += tl.dot(x, w, input_precision=PRECISION, out_dtype=acc_dtype)
+        w = tl.load(w_base + offs_k[:, None], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if LOW:  # tensor cores: 16-bit x 16-bit products, fp32 accumulation
+            acc = tl.dot(x, w.to(x.dtype), acc, out_dtype=tl.float32)
+        else:
+            acc = tl.dot(x.to(acc_dtype), w.to(acc_dtype), acc, input_precision=PRECISION,
+                         out_dtype=acc_dtype)
     bias = tl.load(b_ptr + offs_d, mask=d_ok, other=0.0).to(acc_dtype)
     acc += bias[None, :]
     out = out_ptr + rows[:, None].to(tl.int64) * D + offs_d[None, :]
@@ -78,7 +100,7 @@ def _reduce_wgrad_kernel(
     n_rows, rows_per_split, M, F, D,
     stride_item, stride_comp,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, LOW: tl.constexpr,
 ):
     """partial[split, d, f] = sum over this split's rows of dr[row, d] * x[row, f]."""
     pid_d = tl.program_id(0)
@@ -99,28 +121,76 @@ def _reduce_wgrad_kernel(
         item = tl.load(ids_ptr + rows // M, mask=row_ok, other=0).to(tl.int64)
         comp = (rows % M).to(tl.int64)
         x = tl.load(table_ptr + (item * stride_item + comp * stride_comp)[:, None] + offs_f[None, :],
-                    mask=row_ok[:, None] & f_ok[None, :], other=0.0).to(acc_dtype)
+                    mask=row_ok[:, None] & f_ok[None, :], other=0.0)
         # dr is [n_rows, D]; read its transpose tile [BLOCK_D, BLOCK_R]
         g = tl.load(dr_ptr + rows[None, :].to(tl.int64) * D + offs_d[:, None],
                     mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-        acc += tl.dot(g, x, input_precision=PRECISION, out_dtype=acc_dtype)
+        if LOW:  # tensor cores: bf16 x bf16 products (bf16 keeps fp32's range), fp32 sums
+            acc = tl.dot(g.to(tl.bfloat16), x.to(tl.bfloat16), acc, out_dtype=tl.float32)
+        else:
+            acc = tl.dot(g, x.to(acc_dtype), acc, input_precision=PRECISION, out_dtype=acc_dtype)
     out = out_ptr + split.to(tl.int64) * D * F + offs_d[:, None].to(tl.int64) * F + offs_f[None, :]
     tl.store(out, acc, mask=d_ok[:, None] & f_ok[None, :])
 
 
 # ---------------------------------------------------------------------- launchers
 
-def fwd_blocks(D: int) -> dict:
-    """Tile sizes of `_reduce_fwd_kernel` (shared with the compile test)."""
+def use_tensor_cores(table_dtype: torch.dtype, compute_dtype: torch.dtype,
+                     device: torch.device, cap: int | None = None) -> bool:
+    """`LOW`: 16-bit table, fp32 parameters, a real sm_80+ GPU (bf16 MMA needs Ampere;
+    never under the interpreter, whose bf16 dot is wrong)."""
+    if table_dtype not in (torch.float16, torch.bfloat16) or compute_dtype != torch.float32:
+        return False
+    if cap is None:
+        if device.type != "cuda" or interpreting():
+            return False
+        cap = _capability(device)
+    return cap >= 80
+
+
+@lru_cache(maxsize=None)
+def _capability(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fwd_blocks(D: int, low: bool = False, cap: int = 90) -> dict:
+    """Constexprs and launch options of `_reduce_fwd_kernel` (shared with the compile test).
+
+    128-wide fp32 accumulators take 8 warps (64 registers a thread for the tile), which
+    keeps the old 4-warp variant's ~254 registers and spills away. Tensor-core tiles
+    stream 64-wide K slices through 3 shared-memory stages (48 KB each: bf16 rows,
+    fp32 W_red) on sm_80+; sm_75 has 64 KB of shared memory per block."""
     if interpreting():  # the interpreter runs programs one by one: few, small tiles
         return dict(BLOCK_R=16, BLOCK_D=max(16, min(64, next_pow2(D))), BLOCK_K=16)
-    return dict(BLOCK_R=64, BLOCK_D=min(128, max(16, next_pow2(D))), BLOCK_K=32)
+    block_d = min(128, max(16, next_pow2(D)))
+    if low:
+        return dict(BLOCK_R=128, BLOCK_D=block_d, BLOCK_K=64, num_warps=8,
+                    num_stages=3 if cap >= 80 else 1)
+    return dict(BLOCK_R=64, BLOCK_D=block_d, BLOCK_K=32, num_warps=8,
+                num_stages=3 if cap >= 80 else 2)
 
 
-def wgrad_blocks(D: int) -> dict:
+def wgrad_blocks(D: int, low: bool = False, cap: int = 90) -> dict:
     if interpreting():
         return dict(BLOCK_R=16, BLOCK_D=max(16, min(64, next_pow2(D))), BLOCK_F=16)
-    return dict(BLOCK_R=32, BLOCK_D=min(128, max(16, next_pow2(D))), BLOCK_F=64)
+    block_d = min(128, max(16, next_pow2(D)))
+    if low:  # per stage: fp32 dr tile 32 KB + 16-bit rows 16 KB
+        return dict(BLOCK_R=64, BLOCK_D=block_d, BLOCK_F=128, num_warps=8,
+                    num_stages=3 if cap >= 80 else 1)
+    return dict(BLOCK_R=32, BLOCK_D=block_d, BLOCK_F=64, num_warps=8,
+                num_stages=3 if cap >= 80 else 2)
+
+
+def _launch_info(table: torch.Tensor, compute_dtype: torch.dtype):
+    low = use_tensor_cores(table.dtype, compute_dtype, table.device)
+    cap = _capability(table.device) if table.device.type == "cuda" else 90
+    return low, cap
 
 
 def reduce_items(table: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor,
@@ -133,13 +203,22 @@ def reduce_items(table: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor,
     if U == 0:
         return out
     assert table.stride(2) == 1, "the feature table's last dimension must be contiguous"
-    weight, bias, ids = weight.contiguous(), bias.contiguous(), ids.contiguous()
-    blocks = fwd_blocks(D)
+    low, cap = _launch_info(table, weight.dtype)
+    blocks = fwd_blocks(D, low, cap)
     grid = (triton.cdiv(U * M, blocks["BLOCK_R"]), triton.cdiv(D, blocks["BLOCK_D"]))
     _reduce_fwd_kernel[grid](
         table, ids, weight, bias, out, U * M, M, F, D, table.stride(0), table.stride(1),
-        PRECISION=dot_precision(weight.dtype, table.device), **blocks)
+        PRECISION=dot_precision(weight.dtype, table.device), LOW=low, **blocks)
     return out
+
+
+def wgrad_splits(n_rows: int, D: int, F: int, blocks: dict, sm_count: int) -> int:
+    """Split-K factor: enough programs for about two waves over the GPU's SMs, each
+    split at least 512 rows (so the [splits, D, F] partials stay a small extra cost)."""
+    if interpreting():
+        return 1
+    tiles = triton.cdiv(D, blocks["BLOCK_D"]) * triton.cdiv(F, blocks["BLOCK_F"])
+    return max(1, min(32, (2 * sm_count) // max(1, tiles), n_rows // 512))
 
 
 def reduce_weight_grad(table: torch.Tensor, ids: torch.Tensor, dr: torch.Tensor) -> torch.Tensor:
@@ -150,16 +229,16 @@ def reduce_weight_grad(table: torch.Tensor, ids: torch.Tensor, dr: torch.Tensor)
     if n_rows == 0:
         return dr.new_zeros((D, F))
     dr = dr.contiguous()
-    blocks = wgrad_blocks(D)
-    tiles = triton.cdiv(D, blocks["BLOCK_D"]) * triton.cdiv(F, blocks["BLOCK_F"])
-    # enough programs to fill a GPU: split the row range, sum the splits on the host
-    splits = 1 if interpreting() else max(1, min(16, 264 // max(1, tiles), n_rows // 512))
+    low, cap = _launch_info(table, dr.dtype)
+    blocks = wgrad_blocks(D, low, cap)
+    sms = _sm_count(dr.device) if dr.device.type == "cuda" else 132
+    splits = wgrad_splits(n_rows, D, F, blocks, sms)
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), blocks["BLOCK_R"]) * blocks["BLOCK_R"]
     splits = triton.cdiv(n_rows, rows_per_split)
     partial = torch.empty((splits, D, F), device=dr.device, dtype=dr.dtype)
     grid = (triton.cdiv(D, blocks["BLOCK_D"]), triton.cdiv(F, blocks["BLOCK_F"]), splits)
     _reduce_wgrad_kernel[grid](
-        table, ids.contiguous(), dr, partial, n_rows, rows_per_split, M, F, D,
+        table, ids, dr, partial, n_rows, rows_per_split, M, F, D,
         table.stride(0), table.stride(1),
-        PRECISION=dot_precision(dr.dtype, table.device), **blocks)
+        PRECISION=dot_precision(dr.dtype, table.device), LOW=low, **blocks)
     return partial[0] if splits == 1 else partial.sum(0)

@@ -37,9 +37,11 @@ def _ptr(dtype):
     return "*" + dtype
 
 
-def cases():
-    """(kernel, signature, constexprs, attrs) for every launch the wrappers can make."""
+def cases(cap: int = 90):
+    """(kernel, signature, constexprs, attrs, options) for every launch the wrappers can
+    make on sm_<cap> (the reduction's tiles and tensor-core use depend on it)."""
     os.environ.pop("TRITON_INTERPRET", None)
+    import torch
     from acf_fast.backends import triton as _backend  # noqa: F401  (resolves acf_fast.kernels)
     from acf_fast.kernels import component_attention as ca
     from acf_fast.kernels import item_attention as ia
@@ -48,6 +50,8 @@ def cases():
     out = []
 
     def add(kernel, args: dict, constexprs: dict):
+        constexprs = dict(constexprs)
+        options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages") if k in constexprs}
         """args: name -> type string; a trailing '/16' marks a value divisible by 16 (as the
         JIT specialises it). Pointers from torch allocations are 16-byte aligned."""
         signature, attrs = {}, {}
@@ -61,24 +65,29 @@ def cases():
             signature[name] = kind.removesuffix("/16")
             if div16:
                 attrs[(names.index(name),)] = [["tt.divisibility", 16]]
-        out.append((kernel, signature, constexprs, attrs))
+        out.append((kernel, signature, constexprs, attrs, options))
 
+    torch_dtype = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16,
+                   "bf16": torch.bfloat16}
     for compute, tables in COMPUTE_TABLE.items():
         precisions = ("ieee", "tf32") if compute == "fp32" else ("ieee",)
         for D in D_VALUES:
             for table in tables:
+                # what the launchers pick on this architecture (tensor cores or not)
+                low = rd.use_tensor_cores(torch_dtype[table], torch_dtype[compute],
+                                          torch.device("cuda"), cap)
                 for precision in precisions:
                     add(rd._reduce_fwd_kernel,
                         dict(table_ptr=_ptr(table), ids_ptr="*i64", w_ptr=_ptr(compute),
                              b_ptr=_ptr(compute), out_ptr=_ptr(compute), n_rows="i32", M="i32",
                              F="i32/16", D="i32/16", stride_item="i32/16", stride_comp="i32/16"),
-                        dict(PRECISION=precision, **rd.fwd_blocks(D)))
+                        dict(PRECISION=precision, LOW=low, **rd.fwd_blocks(D, low, cap)))
                     add(rd._reduce_wgrad_kernel,
                         dict(table_ptr=_ptr(table), ids_ptr="*i64", dr_ptr=_ptr(compute),
                              out_ptr=_ptr(compute), n_rows="i32", rows_per_split="i32/16",
                              M="i32", F="i32/16", D="i32/16", stride_item="i32/16",
                              stride_comp="i32/16"),
-                        dict(PRECISION=precision, **rd.wgrad_blocks(D)))
+                        dict(PRECISION=precision, LOW=low, **rd.wgrad_blocks(D, low, cap)))
         c = _ptr(compute)
         for D in D_VALUES:
             bl = ca.blocks(M, D)
@@ -112,11 +121,12 @@ def cases():
                     dict(WITH_SCORES=with_scores, **bl))
     # the same constexprs for several D values compile to the same kernel: keep one
     unique, seen = [], set()
-    for kernel, sig, const, attrs in out:
-        key = (kernel.__name__, tuple(sig.items()), tuple(sorted(const.items())))
+    for kernel, sig, const, attrs, options in out:
+        key = (kernel.__name__, tuple(sig.items()), tuple(sorted(const.items())),
+               tuple(sorted(options.items())))
         if key not in seen:
             seen.add(key)
-            unique.append((kernel, sig, const, attrs))
+            unique.append((kernel, sig, const, attrs, options))
     return unique
 
 
@@ -136,6 +146,32 @@ def uncovered(todo) -> list[str]:
     return sorted(defined - covered)
 
 
+def resources(compiled, cap: int):
+    """(registers, spill-store bytes) of a compiled kernel, from `ptxas -v` on its PTX
+    (the ptxas shipped with triton; `n_regs`/`n_spills` need a GPU driver to load it)."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia import compiler as nv
+
+    try:
+        ptxas = nv.get_ptxas(cap).path      # triton >= 3.7
+    except TypeError:
+        ptxas = nv.get_ptxas().path         # triton 3.6
+    except Exception:
+        return None, None
+    arch = f"sm_{cap}a" if cap == 90 else f"sm_{cap}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
+        fh.write(compiled.asm["ptx"])
+        fh.flush()
+        res = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", fh.name, "-o", os.devnull],
+                             capture_output=True, text=True)
+    text = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores", text)
+    return (int(regs.group(1)) if regs else None), (int(spills.group(1)) if spills else None)
+
+
 def compile_all(cap: int) -> list[str]:
     """Compile every case for sm_<cap>; returns one error line per failure."""
     import triton
@@ -143,13 +179,17 @@ def compile_all(cap: int) -> list[str]:
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", cap, 32)
-    todo = cases()
+    todo = cases(cap)
     errors = [f"{name}: no compile case (add one to cases())" for name in uncovered(todo)]
-    for kernel, sig, const, attrs in todo:
-        label = f"sm_{cap} {kernel.__name__} {const} {[v for v in sig.values() if v != 'constexpr']}"
+    for kernel, sig, const, attrs, options in todo:
+        label = (f"sm_{cap} {kernel.__name__} {const} {options} "
+                 f"{[v for v in sig.values() if v != 'constexpr']}")
         try:
             compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const,
-                                                attrs=attrs), target=target)
+                                                attrs=attrs), target=target, options=options)
+            regs, spills = resources(compiled, cap)
+            print(f"{label}: regs={regs} spills={spills} shared={compiled.metadata.shared}",
+                  file=sys.stderr)
             if not compiled.asm.get("cubin"):
                 errors.append(f"{label}: no cubin")
             elif compiled.metadata.shared > SHARED_LIMIT[cap]:

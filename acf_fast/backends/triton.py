@@ -153,18 +153,28 @@ triton_forward.register_autograd(_backward, setup_context=_setup_context)
 
 # ------------------------------------------------------------------ backend contract
 
-def _check_device(table: torch.Tensor) -> None:
+def _check_device(device: torch.device) -> None:
     from ..backend import triton_interpreter_on
 
-    if table.device.type != "cuda" and not triton_interpreter_on():
+    if device.type != "cuda" and not triton_interpreter_on():
         raise RuntimeError("the triton backend runs on CUDA tensors, or on CPU tensors with "
                            "TRITON_INTERPRET=1 set before triton is imported")
 
 
+def _table_elsewhere(table: torch.Tensor, device: torch.device) -> bool:
+    """The feature table lives on another device than the parameters (host-resident)."""
+    return table.device != device
+
+
 def fused_acf(weights: ACFWeights, table: torch.Tensor, user_ids, profile_ids, profile_mask,
               pos=None, neg=None, return_attentions: bool = False):
-    """Functional entry point: (user, s_pos | None, s_neg | None, alpha | None, beta | None)."""
-    _check_device(table)
+    """Functional entry point: (user, s_pos | None, s_neg | None, alpha | None, beta | None).
+
+    A feature table on another device than the parameters (a host-resident table,
+    `ACF(features_on_host=True)`) is reduced to the batch's distinct items on the host
+    and copied over (`compact_table`); the kernels then run on that compact table."""
+    device = weights.user_emb.device
+    _check_device(device)
     D = weights.user_emb.shape[1]
     if weights.c_wx.shape[0] != D:
         raise ValueError("the triton backend needs the attention hidden size H == model_dim")
@@ -173,6 +183,8 @@ def fused_acf(weights: ACFWeights, table: torch.Tensor, user_ids, profile_ids, p
         profile_ids = profile_ids.new_zeros((B, 1))
         profile_mask = profile_mask.new_zeros((B, 1))
     batch = fused.distinct_items(profile_ids, profile_mask)
+    if _table_elsewhere(table, device):
+        table, batch = fused.compact_table(table, batch, device)
     with_scores = pos is not None
     if not with_scores:
         pos = neg = user_ids.new_zeros(user_ids.shape)
