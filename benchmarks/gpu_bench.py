@@ -12,11 +12,21 @@ wrapped in try/except: a failure is printed and the rest still runs.
 Roofline: the triton step's essential work is the reduction of the batch's U distinct
 items, forward and W_red's gradient: 2 x (2 U M F D) FLOPs and 2 x U M F bytes of the
 table, plus the per-item projection GEMMs; "roof" is max(bytes / HBM bandwidth,
-FLOPs / peak) with the peaks of the detected GPU (datasheet numbers, dense).
+FLOPs / peak) with the peaks of the detected GPU (datasheet numbers, dense; the bf16
+tensor-core rate for 16-bit tables, whose reduction runs on tensor cores). At B = 128
+the roof is tens of microseconds, below the launch and Python cost of a step (see
+"host ms"), so "x roof" there measures the host, not the kernels.
 
-Note: the reference here reads features from the GPU-resident table (the tutorial
-gathers them on the host and copies them over), so its times are a faster baseline
-than the tutorial's and the speedups below are conservative.
+Baselines, both measured in the same run ("speedup" and "vs tut" columns):
+- "reference": the reference backend with the feature table resident on the GPU (a
+  faster baseline than the tutorial's);
+- "ref-host": the reference as the tutorial runs it, `ACF(..., features_on_host=True)`:
+  each batch's [B, P, M, F] features gathered on the host and copied to the GPU
+  (B = 128, ieee only: the issue's target; B = 1024 would copy ~2 GB per step).
+"tri-host" is the triton backend on the same host-resident table (it copies only the
+batch's distinct items, pinned and non-blocking). "host ms" is how long the CPU takes
+to issue one step (until step() returns, before the final synchronize): when it is
+close to ms/step, the step is bound by Python/launch overhead, not by the GPU.
 """
 
 from __future__ import annotations
@@ -48,10 +58,11 @@ REPS = int(os.environ.get("BENCH_REPS", 2 if SMOKE else 15))
 BATCHES = (8,) if SMOKE else (128, 1024)
 FEATURES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # bf16 first: the issue's target
 PRECISIONS = ("ieee", "tf32")
-# name fragment -> (HBM bytes/s, fp32 FLOP/s, tf32 tensor FLOP/s), dense datasheet peaks
-PEAKS = {"H200": (4.8e12, 67e12, 495e12), "H100 PCIe": (2.0e12, 51e12, 378e12),
-         "H100": (3.35e12, 67e12, 495e12), "A100": (2.0e12, 19.5e12, 156e12),
-         "L4": (0.3e12, 30e12, 120e12), "A10": (0.6e12, 31e12, 62e12)}
+# name fragment -> (HBM bytes/s, fp32 FLOP/s, tf32 tensor FLOP/s, bf16 tensor FLOP/s),
+# dense datasheet peaks (16-bit tables run the reduction on bf16/fp16 tensor cores)
+PEAKS = {"H200": (4.8e12, 67e12, 495e12, 989e12), "H100 PCIe": (2.0e12, 51e12, 378e12, 756e12),
+         "H100": (3.35e12, 67e12, 495e12, 989e12), "A100": (2.0e12, 19.5e12, 156e12, 312e12),
+         "L4": (0.3e12, 30e12, 120e12, 121e12), "A10": (0.6e12, 31e12, 62e12, 125e12)}
 
 
 def device_name():
@@ -66,8 +77,14 @@ def peaks():
     return None, None
 
 
-def build(backend, feature_dtype, batch_size):
-    model = wikimedia_model(backend, feature_dtype, DEVICE, **SHAPE)
+def build(backend, feature_dtype, batch_size, on_host=False):
+    if on_host:  # the tutorial's way: the table stays in host memory, batches are copied
+        model = wikimedia_model(backend, feature_dtype, torch.device("cpu"), **SHAPE)
+        model.features_on_host = True
+        model.to(DEVICE)
+        assert model.feature_table.device.type == "cpu"
+    else:
+        model = wikimedia_model(backend, feature_dtype, DEVICE, **SHAPE)
     data = wikimedia_batch(model, batch=batch_size)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
 
@@ -82,26 +99,29 @@ def build(backend, feature_dtype, batch_size):
     return model, data, step
 
 
-def time_step(step):
+def time_step(step, reps=REPS):
+    """-> (median seconds per step, median host seconds to issue one step)."""
     for _ in range(WARMUP):
         step()
     if SMOKE:
         times = []
-        for _ in range(REPS):
+        for _ in range(reps):
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return statistics.median(times), statistics.median(times)
     torch.cuda.synchronize()
-    times = []
-    for _ in range(REPS):
+    times, host = [], []
+    for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         step()
+        host.append(time.perf_counter() - t0)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(host)
 
 
 def essential_work(data, feature_dtype):
@@ -116,15 +136,18 @@ def essential_work(data, feature_dtype):
 
 
 def run_config(backend, fname, batch_size, precision):
+    """backend: reference | ref-host | triton | tri-host (-host: table in host memory)."""
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     if not SMOKE:
         torch.cuda.empty_cache()
-    model, data, step = build(backend, FEATURES[fname], batch_size)
-    seconds = time_step(step)
+    on_host = backend.endswith("-host")
+    name = {"ref-host": "reference", "tri-host": "triton"}.get(backend, backend)
+    model, data, step = build(name, FEATURES[fname], batch_size, on_host)
+    seconds, host = time_step(step)  # same number of steps everywhere: max|dpos| compares
     peak = 0 if SMOKE else cuda_step_peak_bytes(step)
     with torch.no_grad():
         pos, _ = model(*data)
-    return seconds, peak, pos.float().cpu(), data
+    return seconds, host, peak, pos.float().cpu(), data
 
 
 def main():
@@ -135,27 +158,33 @@ def main():
     header = (f"device: {device_name()} (peaks used: {gpu or 'unknown'}); "
               f"torch {torch.__version__}; triton {_triton_version()}; warmup {WARMUP}, reps {REPS}")
     lines = [header,
-             f"{'features':8s} {'B':>5s} {'matmul':6s} {'backend':10s} {'ms/step':>9s} {'speedup':>8s} "
-             f"{'peak MB':>9s} {'mem/ref':>8s} {'U':>5s} {'GB/s':>8s} {'TFLOP/s':>8s} {'roof ms':>8s} "
-             f"{'x roof':>7s} {'max|dpos|':>10s}"]
+             f"{'features':8s} {'B':>5s} {'matmul':6s} {'backend':10s} {'ms/step':>9s} {'host ms':>8s} "
+             f"{'speedup':>8s} {'vs tut':>8s} {'peak MB':>9s} {'mem/ref':>8s} {'U':>5s} {'GB/s':>8s} "
+             f"{'TFLOP/s':>8s} {'roof ms':>8s} {'x roof':>7s} {'max|dpos|':>10s}"]
     print("\n".join(lines), flush=True)
     results = []
     for fname in FEATURES:
         for batch_size in BATCHES:
             for precision in PRECISIONS:
-                base = {}
-                for backend in ("reference", "triton"):
+                base, tutorial = {}, {}
+                backends = ["reference", "triton"]
+                if batch_size == BATCHES[0] and precision == "ieee":
+                    backends = ["reference", "ref-host", "triton", "tri-host"]
+                for backend in backends:
                     row = dict(features=fname, batch=batch_size, matmul=precision, backend=backend)
                     try:
                         t0 = time.time()
-                        seconds, peak, pos, data = run_config(backend, fname, batch_size,
-                                                              precision)
-                        row.update(seconds=seconds, peak_bytes=peak, wall=time.time() - t0)
+                        seconds, host, peak, pos, data = run_config(backend, fname, batch_size,
+                                                                    precision)
+                        row.update(seconds=seconds, host_seconds=host, peak_bytes=peak,
+                                   wall=time.time() - t0)
                         U, flops, bytes_ = essential_work(data, FEATURES[fname])
                         row.update(distinct_items=U, flops=flops, bytes=bytes_)
                         if backend == "reference":
                             base = dict(seconds=seconds, peak=peak, pos=pos)
-                        line = format_row(row, base, pos, peak_rates, precision)
+                        elif backend == "ref-host":
+                            tutorial = dict(seconds=seconds, peak=peak)
+                        line = format_row(row, base, tutorial, pos, peak_rates, precision)
                     except Exception as exc:  # keep going: one broken config must not hide the rest
                         traceback.print_exc()
                         row["error"] = f"{type(exc).__name__}: {exc}"
@@ -290,20 +319,24 @@ def profile_triton_step():
     return averages.table(row_limit=18)
 
 
-def format_row(row, base, pos, peak_rates, precision):
+def format_row(row, base, tutorial, pos, peak_rates, precision):
     s = row["seconds"]
     speed = base["seconds"] / s if base else float("nan")
+    vs_tut = tutorial["seconds"] / s if tutorial else float("nan")
     mem = row["peak_bytes"] / base["peak"] if base and base.get("peak") else float("nan")
     gbs = row["bytes"] / s / 1e9
     tfs = row["flops"] / s / 1e12
     roof_ms, x_roof = float("nan"), float("nan")
-    if peak_rates and row["backend"] == "triton":
-        bw, fp32, tf32 = peak_rates
-        roof = max(row["bytes"] / bw, row["flops"] / (tf32 if precision == "tf32" else fp32))
+    if peak_rates and row["backend"].startswith("tri"):
+        bw, fp32, tf32, bf16 = peak_rates
+        rate = (bf16 if row["features"] in ("bf16", "fp16")
+                else tf32 if precision == "tf32" else fp32)
+        roof = max(row["bytes"] / bw, row["flops"] / rate)
         roof_ms, x_roof = roof * 1e3, s / roof
     dpos = float((pos - base["pos"]).abs().max()) if base and "pos" in base else float("nan")
     return (f"{row['features']:8s} {row['batch']:5d} {precision:6s} {row['backend']:10s} "
-            f"{s * 1e3:9.3f} {speed:7.2f}x {row['peak_bytes'] / 2**20:9.1f} {mem:8.3f} "
+            f"{s * 1e3:9.3f} {row['host_seconds'] * 1e3:8.3f} {speed:7.2f}x {vs_tut:7.2f}x "
+            f"{row['peak_bytes'] / 2**20:9.1f} {mem:8.3f} "
             f"{row['distinct_items']:5d} {gbs:8.1f} {tfs:8.2f} {roof_ms:8.3f} {x_roof:7.2f} "
             f"{dpos:10.2e}")
 
