@@ -145,3 +145,17 @@ def test_interactions_keep_latest_repeat(tmp_path):
     inter = read_interactions(p)
     got = sorted(zip(inter.user.tolist(), inter.item.tolist(), inter.timestamp.tolist()))
     assert got == [(0, 1, 9), (0, 2, 7), (1, 1, 3)]
+
+
+def test_fast_and_checked_triplet_readers_agree(dataset, tmp_path, monkeypatch):
+    from acf_fast.data import formats
+
+    out, _ = dataset
+    crlf = tmp_path / "crlf.csv"
+    crlf.write_bytes((out / "naive-user-train.csv").read_bytes().replace(b"\n", b"\r\n") + b"\r\n")
+    fast = [read_triplets(p, max_profile_size=4) for p in (out / "naive-user-train.csv", crlf)]
+    monkeypatch.setattr(formats, "_read_triplets_fast", lambda *a, **k: None)
+    slow = read_triplets(out / "naive-user-train.csv", max_profile_size=4)
+    for f in fast:
+        for name in ("user", "profile", "pos", "neg"):
+            assert torch.equal(getattr(f, name), getattr(slow, name))

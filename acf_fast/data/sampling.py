@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,12 +141,37 @@ def sample_triplets(split: Split, per_user: int, seed: int = 0, progress: bool =
     return u[order], pos[order], neg[order]
 
 
-def _triplet_rows(split: Split, user, pos, neg, desc: str, progress: bool):
-    lo = split.train_ptr[user]
-    start = np.maximum(lo, pos - (PROFILE_WINDOW - 1))
-    items = split.train_items
-    for i in tqdm(range(user.size), desc=desc, unit="row", disable=not progress, mininterval=1.0):
-        yield (join_ids(items[start[i]:pos[i] + 1]), items[pos[i]], neg[i], user[i])
+def window_strings(split: Split) -> list[str]:
+    """For every position of split.train_items, the tutorial's profile string there: the up-to-10
+    training items of that user ending at that position. There are as many as training
+    interactions (far fewer than triplets), so each triplet row is a lookup, not a join."""
+    n = split.train_items.size
+    user_of = np.repeat(np.arange(split.n_users), np.diff(split.train_ptr))
+    start = np.maximum(split.train_ptr[user_of], np.arange(n) - (PROFILE_WINDOW - 1)).tolist()
+    items = split.train_items.astype(str).tolist()
+    return [" ".join(items[a:p + 1]) for p, a in enumerate(start)]
+
+
+def write_triplets(path, split: Split, windows: list[str], user, pos, neg, desc: str,
+                   progress: bool, chunk: int = 1 << 18) -> Path:
+    """`profile,pi,ni,ui` rows, written chunk by chunk to a temporary file that is then renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pi_items = split.train_items[pos]
+    try:
+        with open(tmp, "w") as fh, tqdm(total=int(user.size), desc=desc, unit="row",
+                                        disable=not progress) as bar:
+            fh.write("profile,pi,ni,ui\n")
+            for s in range(0, user.size, chunk):
+                e = min(s + chunk, user.size)
+                fh.write("".join(f"{windows[q]},{i},{n},{u}\n" for q, i, n, u in zip(
+                    pos[s:e].tolist(), pi_items[s:e].tolist(), neg[s:e].tolist(), user[s:e].tolist())))
+                bar.update(e - s)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def _evaluation_rows(split: Split):
@@ -197,11 +223,11 @@ def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_valida
     first_of_user = np.searchsorted(user, user, side="left")
     is_train = (np.arange(user.size) - first_of_user) < per_train
     out.mkdir(parents=True, exist_ok=True)
-    header = ["profile", "pi", "ni", "ui"]
-    write_csv_atomic(out / TRAIN_FILE, header, _triplet_rows(
-        split, user[is_train], pos[is_train], neg[is_train], "writing train", progress))
-    write_csv_atomic(out / VALIDATION_FILE, header, _triplet_rows(
-        split, user[~is_train], pos[~is_train], neg[~is_train], "writing validation", progress))
+    windows = window_strings(split)
+    write_triplets(out / TRAIN_FILE, split, windows, user[is_train], pos[is_train], neg[is_train],
+                   "writing train", progress)
+    write_triplets(out / VALIDATION_FILE, split, windows, user[~is_train], pos[~is_train],
+                   neg[~is_train], "writing validation", progress)
     write_csv_atomic(out / EVALUATION_FILE, ["timestamp", "user_id", "predict", "profile"],
                      _evaluation_rows(split))
     UserHistory(n_users, n_items, split.train_ptr, split.train_items + 1,
