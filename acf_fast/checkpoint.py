@@ -2,12 +2,44 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import torch
 
 REQUIRED_KEYS = ("state_dict",)
+CHECKSUM_KEY = "acf_fast_checksum"
+
+
+def _digest_into(h, value) -> None:
+    """Feed a checkpoint's contents to `h` in a fixed order: tensors by their bytes."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        h.update(b"D")
+        for key in sorted(value, key=str):
+            h.update(repr(key).encode())
+            _digest_into(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(b"L")
+        for item in value:
+            _digest_into(h, item)
+    else:
+        h.update(repr(value).encode())
+
+
+def checksum(ckpt: dict) -> str:
+    """sha256 of everything in the checkpoint but the checksum itself.
+
+    Stored inside the dict (so the file stays a plain tutorial checkpoint) and checked on
+    read: torch.load happily returns flipped bits as different numbers.
+    """
+    h = hashlib.sha256()
+    _digest_into(h, {k: v for k, v in ckpt.items() if k != CHECKSUM_KEY})
+    return h.hexdigest()
 
 
 def read_checkpoint(checkpoint, map_location="cpu") -> dict:
@@ -24,6 +56,10 @@ def read_checkpoint(checkpoint, map_location="cpu") -> dict:
             raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from exc
         if not isinstance(ckpt, dict):
             raise ValueError(f"{path}: not a checkpoint dict (got {type(ckpt).__name__})")
+    if CHECKSUM_KEY in ckpt and checksum(ckpt) != ckpt[CHECKSUM_KEY]:
+        where = "" if isinstance(checkpoint, dict) else f"{checkpoint}: "
+        raise ValueError(f"{where}corrupt checkpoint (checksum mismatch); its contents changed "
+                         "after it was written")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise ValueError(f"checkpoint lacks {missing}; expected keys epoch, loss, model_args, "
@@ -40,6 +76,7 @@ def make_checkpoint(model, optimizer=None, epoch=0, loss=float("nan"), **extra) 
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
     }
     ckpt.update(extra)
+    ckpt[CHECKSUM_KEY] = checksum(ckpt)
     return ckpt
 
 

@@ -9,6 +9,7 @@ leaves a half-written cache that looks valid). Later loads map the cache.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -21,7 +22,7 @@ GRID = 7
 SUPPORTED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # numpy has no bfloat16: its bits are stored as uint16 and viewed back in torch.
 _NP_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -97,6 +98,7 @@ def _write_cache(dest: Path, n_items: int, m: int, f: int, dtype: torch.dtype, b
             view[1 + first: 1 + first + block.shape[0]] = block.to(dtype)
         out.flush()
         del out, view
+        meta = {**meta, "cache_bytes": tmp.stat().st_size, "sha256": _file_sha256(tmp)}
         with open(tmp.with_suffix(".json.tmp"), "w") as fh:
             json.dump(meta, fh)
         os.replace(tmp.with_suffix(".json.tmp"), dest.with_suffix(".json"))
@@ -184,8 +186,38 @@ def _cache_is_current(path: Path, dest: Path, dtype: torch.dtype) -> bool:
             and meta.get("source_mtime_ns") == st.st_mtime_ns)
 
 
-def _open_cache(dest: Path, dtype: torch.dtype) -> torch.Tensor:
+def _file_sha256(path: Path, chunk: int = 16 * 2**20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# Caches up to this size are hashed on every load (a fraction of a second per 100 MB);
+# larger ones are checked for size, and hashed when verify=True or ACF_FAST_VERIFY_CACHE=1.
+VERIFY_LIMIT_BYTES = 2**30
+
+
+def _verify_cache(dest: Path, meta: dict, verify: bool | None) -> None:
+    size = dest.stat().st_size
+    if size != meta.get("cache_bytes"):
+        raise ValueError(f"{dest}: corrupt feature cache (truncated: {size} bytes, expected "
+                         f"{meta.get('cache_bytes')}); delete it to rebuild")
+    if verify is None:
+        verify = size <= VERIFY_LIMIT_BYTES or os.environ.get("ACF_FAST_VERIFY_CACHE") == "1"
+    if verify and _file_sha256(dest) != meta.get("sha256"):
+        raise ValueError(f"{dest}: corrupt feature cache (checksum mismatch); delete it to rebuild")
+
+
+def _open_cache(dest: Path, dtype: torch.dtype, verify: bool | None = None) -> torch.Tensor:
     name = _dtype_name(dtype)
+    try:
+        meta = json.loads(dest.with_suffix(".json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{dest}: feature cache has no readable metadata ({exc}); "
+                         "delete it to rebuild") from exc
+    _verify_cache(dest, meta, verify)
     try:
         arr = np.load(dest, mmap_mode="r")
     except Exception as exc:
@@ -200,10 +232,12 @@ def _open_cache(dest: Path, dtype: torch.dtype) -> torch.Tensor:
 
 
 def load_feature_table(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                       use_cache: bool = True) -> torch.Tensor:
+                       use_cache: bool = True, verify: bool | None = None) -> torch.Tensor:
     """Read a tutorial feature file (.npy object array or .h5) as a [N+1, M, F] table.
 
     The result is memory-mapped from the cache file (read-only); `.to(device)` copies it.
+    A truncated cache is always refused; its checksum is verified when `verify` is True,
+    or by default for caches up to VERIFY_LIMIT_BYTES.
     """
     path = Path(path)
     if not path.exists():
@@ -218,7 +252,7 @@ def load_feature_table(path: str | os.PathLike, dtype: torch.dtype = torch.float
             _convert_h5(path, dtype, dest)
         else:
             raise ValueError(f"{path}: unknown feature format {suffix!r}; expected .npy or .h5")
-    return _open_cache(dest, dtype)
+    return _open_cache(dest, dtype, verify)
 
 
 def feature_names(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> list[str]:

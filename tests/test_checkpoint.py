@@ -52,3 +52,21 @@ def test_corrupt_and_foreign_files(tmp_path):
 def test_save_leaves_no_temporary_files(tmp_path):
     save_checkpoint(make_checkpoint(random_model(d=8, f=6, m=4)), tmp_path / "a" / "c.pt")
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["c.pt"]
+
+
+def test_flipped_bits_are_detected(tmp_path):
+    model = random_model(d=8, f=6, m=4)
+    path = save_checkpoint(make_checkpoint(model, epoch=2), tmp_path / "c.pt")
+    data = bytearray(path.read_bytes())
+    ckpt = read_checkpoint(path)
+    raw = ckpt["state_dict"]["item_model.weight"].numpy().tobytes()
+    at = bytes(data).find(raw[64:96])  # a stretch inside the embedding's stored bytes
+    assert at > 0
+    data[at + 3] ^= 0x10
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        read_checkpoint(tmp_path / "flipped.pt")
+    edited = read_checkpoint(path)
+    edited["epoch"] = 5
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        read_checkpoint(edited)

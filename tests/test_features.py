@@ -119,13 +119,22 @@ def test_bad_files(tmp_path):
         table_from_tensor(torch.zeros(3, 5, 5, 2))
 
 
-def test_corrupt_cache_is_refused(tmp_path):
+def test_truncated_or_corrupted_cache_is_refused(tmp_path):
     path = write_npy(tmp_path / "f.npy", grids())
     load_feature_table(path)
     cache = cache_path(path, torch.float32)
-    cache.write_bytes(cache.read_bytes()[:200])  # truncated
-    with pytest.raises(ValueError, match="corrupt feature cache"):
+    good = cache.read_bytes()
+    cache.write_bytes(good[:200])
+    with pytest.raises(ValueError, match="corrupt feature cache .truncated"):
         load_feature_table(path)
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x40  # one bit inside the data: same size, wrong values
+    cache.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        load_feature_table(path)
+    load_feature_table(path, verify=False)  # size-only check on request (huge caches)
+    cache.with_suffix(".json").write_text("{not json")
+    torch.testing.assert_close(load_feature_table(path), expected_table(grids()))  # rebuilt
 
 
 def test_item_count_mismatch_is_refused():
