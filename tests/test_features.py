@@ -96,6 +96,9 @@ def test_nan_features_are_refused_naming_the_item(tmp_path):
         load_feature_table(write_npy(tmp_path / "f.npy", g))
     with pytest.raises(ValueError, match="NaN or inf"):
         table_from_tensor(torch.from_numpy(g))
+    g[3, 0, 1, 1] = np.inf
+    with pytest.raises(ValueError, match="item row 3 .item id 4.*NaN or inf"):
+        ACF(3, 5, features=torch.from_numpy(g))
     assert not cache_path(tmp_path / "f.npy", torch.float32).exists()
 
 
