@@ -138,3 +138,56 @@ def test_recommend_all_cpu_matches_reference(catalogue):
     model.backend = "reference"
     slow = torch.cat([model.recommend_all(users[i:i + 1], profiles[i:i + 1]) for i in range(n)])
     torch.testing.assert_close(fast, slow, rtol=1e-2, atol=1e-2)
+
+
+# ------------------------------------------------------------------ load-robust check
+def _one_thread_cpu_seconds(fn, rounds):
+    """Min over rounds of the process CPU time of fn() on one thread.
+
+    On a shared 2-core machine the wall-clock medians above swing by 2-3x with other
+    jobs' load (two OpenMP threads on one free core spin at every barrier); CPU time on
+    one thread is what the code itself costs, whatever else runs.
+    """
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fn()
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.process_time()
+            fn()
+            best = min(best, time.process_time() - start)
+        return best
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_train_step_one_thread_cpu_time(dtype):
+    group = f"train step {dtype} 1 thread cpu-time"
+    for name, backend, compiled in (("reference", "reference", False),
+                                    ("reference+compile", "reference", True),
+                                    ("cpu", "cpu", False)):
+        step = harness.make_training_step(backend, harness.DTYPES[dtype], BATCH, compile=compiled)
+        step()  # compilation, outside the timing
+        harness.record(group, name, seconds=_one_thread_cpu_seconds(step, rounds=3))
+        del step
+
+
+def test_recommend_all_one_thread_cpu_time(catalogue):
+    dtype, model, users, profiles = catalogue
+    group = f"recommend_all {dtype} 1 thread cpu-time"
+
+    def reference():
+        for i in range(REFERENCE_SAMPLE):
+            model.recommend_all(users[i:i + 1], profiles[i:i + 1])
+
+    def fast():
+        for s in range(0, USERS, USER_BLOCK):
+            model.recommend_all(users[s:s + USER_BLOCK], profiles[s:s + USER_BLOCK])
+
+    model.backend = "reference"
+    harness.record(group, "reference", timed=f"{REFERENCE_SAMPLE}users_scaled",
+                   seconds=_one_thread_cpu_seconds(reference, rounds=2) * USERS / REFERENCE_SAMPLE)
+    model.backend = "cpu"
+    harness.record(group, "cpu", seconds=_one_thread_cpu_seconds(fast, rounds=2))
