@@ -15,6 +15,18 @@ user at once:
 `Batch` carries the batch's distinct items, built once by the caller with plain torch
 ops (torch.unique needs a host sync for its size). Gradients of the embedding tables
 are scatter-adds done here with torch; see `scatter_rows` for determinism.
+Host cost: with the reduction on tensor cores, a B = 128 step is a few hundred
+microseconds of GPU work, less than the host needs to issue it (an H200 run measured
+~9 ms of host time per step under the profiler), so every launch counts: the
+backward fuses products with their sums (addmm), and the autograd wiring does not
+zero-fill gradients for outputs that never get one (see acf_fast.backends.triton).
+A host-resident table (`compact_table`) adds one gather and one copy of the batch's
+distinct items. Why not a CUDA graph of the step: the number of distinct items U
+(torch.unique, read back to the host) sets the shapes of r and the reduction grids,
+and ACF's id checks read values back too, so the step cannot be captured as it
+stands; it would need U padded to a static bound (B * P) with the kernels reading the
+true count from device memory. gpu_bench's "host ms" column says whether that is
+worth doing.
 """
 
 from __future__ import annotations
@@ -144,7 +156,8 @@ def acf_backward(grad_user, grad_pos, grad_neg, table, batch: Batch, user_ids, p
     g_i_bp = dz2.sum(0)
     g_i_wx = dz2.T @ xbar.view(-1, D)
     dxbar = (dz2 @ w.i_wx).view(B, P, D)
-    dp = dp + (dz2 @ w.i_wp).view(B, P, D)
+    # addmm: the product and the sum in one cuBLAS call (one launch instead of two)
+    dp = torch.addmm(dp.view(-1, D), dz2, w.i_wp).view(B, P, D)
     g_i_wu = dut.T @ u
     du = dut @ w.i_wu
 
@@ -154,9 +167,9 @@ def acf_backward(grad_user, grad_pos, grad_neg, table, batch: Batch, user_ids, p
         batch.item_start, batch.slot_order)
     dxr2 = dxr.view(-1, D)
     g_c_wx = dxr2.T @ r.view(-1, D)
-    dr = dr + (dxr2 @ w.c_wx).view(U, M, D)
+    dr = torch.addmm(dr.view(-1, D), dxr2, w.c_wx).view(U, M, D)
     g_c_wu = duu.T @ u
-    du = du + duu @ w.c_wu
+    du = torch.addmm(du, duu, w.c_wu)
     g_red_w = reduce_weight_grad(table, batch.item_ids, dr)
 
     # embedding tables (row 0 is padding_idx: never trained, like nn.Embedding)

@@ -83,8 +83,8 @@ def _reduce_fwd_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         # W_red is [D, F]; read its transpose tile [BLOCK_K, BLOCK_D]
         w = tl.load(w_base + offs_k[:, None], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if LOW:  # tensor cores: 16-bit x 16-bit products, fp32 accumulation
-            acc = tl.dot(x, w.to(x.dtype), acc, out_dtype=tl.float32)
+        if LOW:  # tensor cores: 16-bit x 16-bit products (W_red cast by the host), fp32 sums
+            acc = tl.dot(x, w, acc, out_dtype=tl.float32)
         else:
             acc = tl.dot(x.to(acc_dtype), w.to(acc_dtype), acc, input_precision=PRECISION,
                          out_dtype=acc_dtype)
@@ -162,15 +162,17 @@ def _sm_count(device: torch.device) -> int:
 def fwd_blocks(D: int, low: bool = False, cap: int = 90) -> dict:
     """Constexprs and launch options of `_reduce_fwd_kernel` (shared with the compile test).
 
-    128-wide fp32 accumulators take 8 warps (64 registers a thread for the tile), which
-    keeps the old 4-warp variant's ~254 registers and spills away. Tensor-core tiles
-    stream 64-wide K slices through 3 shared-memory stages (48 KB each: bf16 rows,
-    fp32 W_red) on sm_80+; sm_75 has 64 KB of shared memory per block."""
+    fp32 dots on CUDA cores keep their [64, 128] accumulator over 8 warps, which keeps
+    the old 4-warp variant's ~254 registers and spills away. Tensor-core tiles are
+    [64 rows, 128] with 64-wide K slices through 3 shared-memory stages of 16-bit rows
+    and 16-bit W_red (24 KB each, 72 KB a program): three programs fit an SM, so the
+    ~350 programs of a B = 128 batch (U = 462 items, 22.6k rows) run in one wave on
+    132 SMs instead of two with a tail. sm_75 has 64 KB of shared memory per block."""
     if interpreting():  # the interpreter runs programs one by one: few, small tiles
         return dict(BLOCK_R=16, BLOCK_D=max(16, min(64, next_pow2(D))), BLOCK_K=16)
     block_d = min(128, max(16, next_pow2(D)))
     if low:
-        return dict(BLOCK_R=128, BLOCK_D=block_d, BLOCK_K=64, num_warps=8,
+        return dict(BLOCK_R=64, BLOCK_D=block_d, BLOCK_K=64, num_warps=4,
                     num_stages=3 if cap >= 80 else 1)
     return dict(BLOCK_R=64, BLOCK_D=block_d, BLOCK_K=32, num_warps=8,
                 num_stages=3 if cap >= 80 else 2)
@@ -185,6 +187,12 @@ def wgrad_blocks(D: int, low: bool = False, cap: int = 90) -> dict:
                     num_stages=3 if cap >= 80 else 1)
     return dict(BLOCK_R=32, BLOCK_D=block_d, BLOCK_F=64, num_warps=8,
                 num_stages=3 if cap >= 80 else 2)
+
+
+def _precision(low: bool, compute_dtype: torch.dtype, device: torch.device) -> str:
+    """fp32-dot precision; unused by tensor-core variants, so fixed there (toggling TF32
+    then does not compile a second, identical kernel)."""
+    return "ieee" if low else dot_precision(compute_dtype, device)
 
 
 def _launch_info(table: torch.Tensor, compute_dtype: torch.dtype):
@@ -206,9 +214,12 @@ def reduce_items(table: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor,
     low, cap = _launch_info(table, weight.dtype)
     blocks = fwd_blocks(D, low, cap)
     grid = (triton.cdiv(U * M, blocks["BLOCK_R"]), triton.cdiv(D, blocks["BLOCK_D"]))
+    # tensor cores: W_red rounded to the table's dtype once here (0.5 MB), rather than in
+    # every program, which would also double the shared memory its tiles take
+    w_op = weight.to(table.dtype) if low else weight
     _reduce_fwd_kernel[grid](
-        table, ids, weight, bias, out, U * M, M, F, D, table.stride(0), table.stride(1),
-        PRECISION=dot_precision(weight.dtype, table.device), LOW=low, **blocks)
+        table, ids, w_op, bias, out, U * M, M, F, D, table.stride(0), table.stride(1),
+        PRECISION=_precision(low, weight.dtype, table.device), LOW=low, **blocks)
     return out
 
 
@@ -240,5 +251,5 @@ def reduce_weight_grad(table: torch.Tensor, ids: torch.Tensor, dr: torch.Tensor)
     _reduce_wgrad_kernel[grid](
         table, ids, dr, partial, n_rows, rows_per_split, M, F, D,
         table.stride(0), table.stride(1),
-        PRECISION=dot_precision(dr.dtype, table.device), LOW=low, **blocks)
+        PRECISION=_precision(low, dr.dtype, table.device), LOW=low, **blocks)
     return partial[0] if splits == 1 else partial.sum(0)

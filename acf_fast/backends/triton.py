@@ -132,6 +132,10 @@ def _setup_context(ctx, inputs, output):
      weights, with_scores, store_beta) = inputs
     user, _, _, alpha, _, r, xbar, lse_c, pre = output
     ctx.with_scores = with_scores
+    # the saved-for-backward outputs (r, xbar, ...) and the attentions never receive a
+    # gradient: without this autograd would allocate and zero-fill one per step (seven
+    # launches, an r-sized [U, M, D] memset among them)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(table, item_ids, slot_item, item_start, slot_order, user_ids,
                           profile_ids, pos, neg, user, alpha, r, xbar, lse_c, pre, *weights)
 
