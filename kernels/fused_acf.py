@@ -81,11 +81,14 @@ def compact_table(table: torch.Tensor, batch: Batch, device: torch.device):
     compute on the full table (same rows, same order). The copy of item_ids to the
     host waits for torch.unique, which has synchronised already.
     """
-    ids = batch.item_ids.to("cpu")
+    ids = batch.item_ids.to(table.device)
     U = ids.numel()
-    pin = device.type == "cuda" and torch.cuda.is_available()
-    rows = torch.empty((U,) + tuple(table.shape[1:]), dtype=table.dtype, pin_memory=pin)
-    torch.index_select(table, 0, ids, out=rows)
+    pin = table.device.type == "cpu" and device.type == "cuda"
+    if table.device.type == "cpu":
+        rows = torch.empty((U,) + tuple(table.shape[1:]), dtype=table.dtype, pin_memory=pin)
+        torch.index_select(table, 0, ids, out=rows)
+    else:  # a table on another GPU
+        rows = table.index_select(0, ids)
     local = torch.arange(U, device=device, dtype=batch.item_ids.dtype)
     return rows.to(device, non_blocking=pin), batch._replace(item_ids=local)
 
