@@ -182,8 +182,9 @@ def item_backward(grad_user, grad_pos, grad_neg, pre, ut, w1, c1, alpha, user, s
     dz = ut.new_empty((B, P, D))
     dw1 = ut.new_empty((B, D))
     dc1 = ut.new_empty((B,))
-    dvpos = ut.new_zeros((B, D))
-    dvneg = ut.new_zeros((B, D))
+    # written in full by the kernel when WITH_SCORES, unused otherwise: no memset needed
+    dvpos = ut.new_empty((B, D))
+    dvneg = ut.new_empty((B, D))
     if B:
         _item_bwd_kernel[(B,)](
             grad_user.contiguous(), grad_pos.contiguous(), grad_neg.contiguous(),
