@@ -54,7 +54,7 @@ SMOKE = "--smoke" in sys.argv
 SHAPE = dict(n_items=20, m=4, f=16, d=16) if SMOKE else {}
 DEVICE = torch.device("cpu" if SMOKE else "cuda")
 WARMUP = int(os.environ.get("BENCH_WARMUP", 1 if SMOKE else 3))
-REPS = int(os.environ.get("BENCH_REPS", 2 if SMOKE else 15))
+REPS = int(os.environ.get("BENCH_REPS", 2 if SMOKE else 10))  # 20 configs in ~2 min
 BATCHES = (8,) if SMOKE else (128, 1024)
 FEATURES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # bf16 first: the issue's target
 PRECISIONS = ("ieee", "tf32")
@@ -237,13 +237,20 @@ def _peak_bytes(fn):
 
 def reduction_ab():
     """The measurement behind kernels/reduce.py's choice: r = W_red x + b and dW_red for the
-    distinct items of a B = 128 batch, Triton gather-GEMM vs gather + cuBLAS."""
+    distinct items of a B = 128 batch, Triton gather-GEMM vs gather + cuBLAS.
+
+    "cuBLAS ms": the gathered rows widened to the parameters' dtype (fp32 GEMMs).
+    "cuBLAS16 ms" (16-bit tables): the gathered 16-bit rows times W_red in 16 bits and
+    bf16 dr times the rows, the same mixed precision as the Triton tensor-core kernels.
+    max|dr|, max|dW|: Triton vs the fp32 "cuBLAS" path (for 16-bit tables this is the
+    rounding of W_red and dr to 16 bits, about 1e-3 relative)."""
     from acf_fast.kernels.reduce import reduce_items, reduce_weight_grad
 
     rows = ["reduction alone (forward + dW_red), distinct items of a B=128 batch: "
             "Triton gather-GEMM vs gather + cuBLAS",
             f"  {'features':8s} {'matmul':6s} {'U':>5s} {'triton ms':>10s} {'cuBLAS ms':>10s} "
-            f"{'triton MB':>10s} {'cuBLAS MB':>10s} {'max|dr|':>9s} {'max|dW|':>9s}"]
+            f"{'cuBLAS16 ms':>11s} {'triton MB':>10s} {'cuBLAS MB':>10s} {'max|dr|':>9s} "
+            f"{'max|dW|':>9s}"]
     for fname, dtype in FEATURES.items():
         model = wikimedia_model("triton", dtype, DEVICE, **SHAPE)
         data = wikimedia_batch(model, batch=128)
@@ -260,11 +267,19 @@ def reduction_ab():
             x = table[ids].to(W.dtype).reshape(-1, F)
             return torch.addmm(b, x, W.T).view(U, M, D), dr.reshape(-1, D).T @ x
 
+        def gathered16():
+            x = table[ids].reshape(-1, F)
+            r = torch.addmm(b.to(x.dtype), x, W.to(x.dtype).T).float().view(U, M, D)
+            g = (dr.reshape(-1, D).to(torch.bfloat16).T @ x.to(torch.bfloat16)).float()
+            return r, g
+
+        low = dtype in (torch.float16, torch.bfloat16)
         for precision in PRECISIONS:
             torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
             (r1, g1), (r2, g2) = fused(), gathered()
+            t16 = _median_seconds(gathered16) * 1e3 if low else float("nan")
             rows.append(f"  {fname:8s} {precision:6s} {U:5d} {_median_seconds(fused) * 1e3:10.3f} "
-                        f"{_median_seconds(gathered) * 1e3:10.3f} "
+                        f"{_median_seconds(gathered) * 1e3:10.3f} {t16:11.3f} "
                         f"{_peak_bytes(fused) / 2**20:10.1f} {_peak_bytes(gathered) / 2**20:10.1f} "
                         f"{float((r1 - r2).abs().max()):9.2e} {float((g1 - g2).abs().max()):9.2e}")
         del model
