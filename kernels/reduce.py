@@ -182,7 +182,9 @@ def wgrad_blocks(D: int, low: bool = False, cap: int = 90) -> dict:
     if interpreting():
         return dict(BLOCK_R=16, BLOCK_D=max(16, min(64, next_pow2(D))), BLOCK_F=16)
     block_d = min(128, max(16, next_pow2(D)))
-    if low:  # per stage: fp32 dr tile 32 KB + 16-bit rows 16 KB
+    if low:  # [128, 128] fp32 accumulator over 8 warps: 114-128 registers, 66 KB of shared
+        # memory on sm_90, so two programs an SM; with the split-K factor below, the 16
+        # column tiles x 16 splits of a B = 128 batch are one wave on 132 SMs
         return dict(BLOCK_R=64, BLOCK_D=block_d, BLOCK_F=128, num_warps=8,
                     num_stages=3 if cap >= 80 else 1)
     return dict(BLOCK_R=32, BLOCK_D=block_d, BLOCK_F=64, num_warps=8,
