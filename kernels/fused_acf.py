@@ -15,6 +15,7 @@ user at once:
 `Batch` carries the batch's distinct items, built once by the caller with plain torch
 ops (torch.unique needs a host sync for its size). Gradients of the embedding tables
 are scatter-adds done here with torch; see `scatter_rows` for determinism.
+
 Host cost: with the reduction on tensor cores, a B = 128 step is a few hundred
 microseconds of GPU work, less than the host needs to issue it (an H200 run measured
 ~9 ms of host time per step under the profiler), so every launch counts: the
