@@ -130,27 +130,50 @@ class ACF(nn.Module):
     def profile_mask_for(self, profile_ids: torch.Tensor) -> torch.Tensor:
         return profile_ids != PAD
 
-    def _check_ids(self, ids: torch.Tensor, name: str, upper: int, ndim: int) -> torch.Tensor:
+    def _check_ids(self, ids: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
+        """Type, dtype and rank; the range is checked for the whole batch at once."""
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{name} must be an int64 or int32 tensor, got {ids.dtype}")
         if ids.dim() != ndim:
             raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(ids.shape)}")
-        if ids.numel():
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= upper:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"{name} contains id {bad}, expected ids in [0, {upper - 1}]")
         return ids.to(self.item_model.weight.device, torch.long)
 
-    def _check_batch(self, user_ids, profile_ids, profile_mask):
-        user_ids = self._check_ids(user_ids, "user_ids", self.num_users, 1)
-        profile_ids = self._check_ids(profile_ids, "profile_ids", self.num_items + 1, 2)
+    @staticmethod
+    def _check_ranges(checks, mask_mismatch=None) -> None:
+        """All id ranges (and the mask's agreement) in one device->host sync: on a GPU every
+        sync stalls the launch queue, and a step has up to nine such checks."""
+        flags = [((ids < 0) | (ids >= upper)).any() for _, ids, upper in checks]
+        if mask_mismatch is not None:
+            flags.append(mask_mismatch)
+        if not flags or not torch.stack(flags).any():
+            return
+        for name, ids, upper in checks:  # error path only: find the offender for the message
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= upper:
+                raise ValueError(f"{name} contains id {lo if lo < 0 else hi}, "
+                                 f"expected ids in [0, {upper - 1}]")
+        raise ValueError("profile_mask disagrees with profile_ids: a slot must be masked "
+                         "exactly when its id is the padding id 0")
+
+    def _check_batch(self, user_ids, profile_ids, profile_mask, pos=None, neg=None):
+        user_ids = self._check_ids(user_ids, "user_ids", 1)
+        profile_ids = self._check_ids(profile_ids, "profile_ids", 2)
         if profile_ids.shape[0] != user_ids.shape[0]:
             raise ValueError(f"profile_ids has {profile_ids.shape[0]} rows but user_ids has "
                              f"{user_ids.shape[0]}")
+        n_ids = self.num_items + 1
+        checks = [("user_ids", user_ids, self.num_users), ("profile_ids", profile_ids, n_ids)]
+        if pos is not None:
+            pos = self._check_ids(pos, "pos", 1)
+            neg = self._check_ids(neg, "neg", 1)
+            if not (pos.shape[0] == neg.shape[0] == user_ids.shape[0]):
+                raise ValueError(f"user_ids, pos and neg must have the same length, got "
+                                 f"{user_ids.shape[0]}, {pos.shape[0]}, {neg.shape[0]}")
+            checks += [("pos", pos, n_ids), ("neg", neg, n_ids)]
         derived = self.profile_mask_for(profile_ids)
+        mismatch = None
         if profile_mask is None:
             profile_mask = derived
         else:
@@ -164,25 +187,20 @@ class ACF(nn.Module):
                     raise TypeError(f"profile_mask must be bool or integer 0/1, got {profile_mask.dtype}")
                 profile_mask = profile_mask != 0
             profile_mask = profile_mask.to(profile_ids.device)
-            if not torch.equal(profile_mask, derived):
-                raise ValueError("profile_mask disagrees with profile_ids: a slot must be masked "
-                                 "exactly when its id is the padding id 0")
-        return user_ids, profile_ids, profile_mask
+            mismatch = (profile_mask != derived).any()
+        self._check_ranges(checks, mismatch)
+        return user_ids, profile_ids, profile_mask, pos, neg
 
     # ------------------------------------------------------------------ model API
     def forward(self, user_ids, profile_ids, pos, neg, profile_mask=None):
         """Scores of positive and negative items: ((u_i' . v_pos) / D, (u_i' . v_neg) / D)."""
-        user_ids, profile_ids, profile_mask = self._check_batch(user_ids, profile_ids, profile_mask)
-        pos = self._check_ids(pos, "pos", self.num_items + 1, 1)
-        neg = self._check_ids(neg, "neg", self.num_items + 1, 1)
-        if not (pos.shape[0] == neg.shape[0] == user_ids.shape[0]):
-            raise ValueError(f"user_ids, pos and neg must have the same length, got "
-                             f"{user_ids.shape[0]}, {pos.shape[0]}, {neg.shape[0]}")
+        user_ids, profile_ids, profile_mask, pos, neg = self._check_batch(
+            user_ids, profile_ids, profile_mask, pos, neg)
         return self._impl().pair_scores(self, user_ids, profile_ids, pos, neg, profile_mask)
 
     def user_vectors(self, user_ids, profile_ids, profile_mask=None, return_attentions=False):
         """(user [B, D], alpha [B, P] | None, beta [B, P, M] | None)."""
-        user_ids, profile_ids, profile_mask = self._check_batch(user_ids, profile_ids, profile_mask)
+        user_ids, profile_ids, profile_mask, _, _ = self._check_batch(user_ids, profile_ids, profile_mask)
         return self._impl().user_vectors(self, user_ids, profile_ids, profile_mask, return_attentions)
 
     def get_predictions(self, user, items):
