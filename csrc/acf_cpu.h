@@ -3,10 +3,26 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <tuple>
 
 namespace acf_fast {
+
+// body(t) for every task t in [0, n), on the intra-op threads, each thread taking the
+// next task when it finishes one. at::parallel_for alone hands each thread a fixed half:
+// on a shared machine, where one of two threads can lose its core for a while, the op
+// then waits for the slow half. Which thread runs a task never changes its result.
+template <typename Body>
+void parallel_tasks(int64_t n, const Body& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next++; t < n; t = next++) body(t);
+  });
+}
 
 // R[k] = table[items[k]] @ W^T + b for each distinct item: [K, M, D] in W's dtype.
 // bf16_gemm: multiply a bfloat16 table in bf16 (fp32 accumulation) instead of widening it.

@@ -129,9 +129,10 @@ void attention_forward_impl(const Dims& d, const T* xy, const T* uc, const T* ut
                             const T* prof, const int64_t* slot, const T* w2, T c2, const T* w1,
                             T c1, T* user, T* alpha, T* beta) {
   const int64_t HD = d.H + d.D;
-  at::parallel_for(0, d.B, 1, [&](int64_t begin, int64_t end) {
+  const int64_t block = 4;  // users per task
+  parallel_tasks((d.B + block - 1) / block, [&](int64_t task) {
     std::vector<T> xx(d.D), z(d.D), a(d.P);
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = task * block; i < std::min(d.B, (task + 1) * block); ++i) {
       const T* uci = uc + i * d.H;
       const T* uti = ut + i * d.D;
       bool any = false;
@@ -188,9 +189,10 @@ void attention_backward_impl(const Dims& d, const T* g_user, const T* g_alpha, c
   // dL/d(score before softmax over m) per (user, slot, component), for the item pass.
   std::vector<T> g_e(d.B * d.P * d.M, T(0));
 
-  at::parallel_for(0, d.B, 1, [&](int64_t begin, int64_t end) {
+  const int64_t block = 4;  // users (or items, below) per task
+  parallel_tasks((d.B + block - 1) / block, [&](int64_t task) {
     std::vector<T> ga(d.P), xx(d.D), gb(d.M);
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = task * block; i < std::min(d.B, (task + 1) * block); ++i) {
       const T* gu = g_user + i * d.D;
       const T* al = alpha + i * d.P;
       const T* uci = uc + i * d.H;
@@ -258,8 +260,8 @@ void attention_backward_impl(const Dims& d, const T* g_user, const T* g_alpha, c
     for (int64_t sl = 0; sl < d.B * d.P; ++sl)
       if (slot[sl] >= 0) order[fill[slot[sl]]++] = sl;
   }
-  at::parallel_for(0, d.K, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
+  parallel_tasks((d.K + block - 1) / block, [&](int64_t task) {
+    for (int64_t k = task * block; k < std::min(d.K, (task + 1) * block); ++k) {
       // zeroed here, not up front: the block is about to be accumulated into, so this
       // costs no extra pass over memory
       std::fill(g_xy + k * d.M * HD, g_xy + (k + 1) * d.M * HD, T(0));

@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -157,10 +158,12 @@ at::Tensor reduce_items_cpu(const at::Tensor& table, const at::Tensor& items,
   const auto b = bias.to(weight.scalar_type()).detach();
   const int64_t chunk = std::min(chunk_items(), K);
   const int64_t chunks = (K + chunk - 1) / chunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     SequentialBlas sequential;
     ChunkLoader loader(table, chunk, widen ? weight.scalar_type() : table.scalar_type());
-    for (int64_t c = c0; c < c1; ++c) {
+    // chunks handed out one at a time (see parallel_tasks in acf_cpu.h)
+    for (int64_t c = next++; c < chunks; c = next++) {
       const int64_t start = c * chunk, n = std::min(chunk, K - start);
       auto x = loader.load(ids + start, n);
       auto r = out.narrow(0, start, n).view({n * M, D});
@@ -207,10 +210,12 @@ std::tuple<at::Tensor, at::Tensor> reduce_items_backward_cpu(const at::Tensor& g
   const int64_t per = (chunks + kMaxPartials - 1) / kMaxPartials;
   const int64_t tasks = (chunks + per - 1) / per;
   auto partial = at::empty({tasks, D, F}, weight.options());
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     SequentialBlas sequential;
     ChunkLoader loader(table, chunk, widen ? weight.scalar_type() : table.scalar_type());
-    for (int64_t t = t0; t < t1; ++t) {
+    // tasks handed out one at a time (see parallel_tasks in acf_cpu.h)
+    for (int64_t t = next++; t < tasks; t = next++) {
       auto part = partial[t];
       for (int64_t c = t * per; c < std::min(chunks, (t + 1) * per); ++c) {
         const int64_t start = c * chunk, n = std::min(chunk, K - start);
