@@ -83,12 +83,20 @@ def cpu_step_peak_bytes(step) -> int | None:
     """Peak resident memory one (already warmed-up) step adds, from Linux's VmHWM.
 
     Writing 5 to /proc/self/clear_refs resets the high-water mark to the current RSS, so
-    the setup's own peak (building features, compiling) does not hide the step's.
+    the setup's own peak (building features, compiling) does not hide the step's. glibc's
+    free heap is handed back first: otherwise memory an earlier step freed stays resident
+    and is reused, and a step made of allocations under glibc's mmap threshold (up to
+    32 MB) shows ~0 while one with big (mmap'd) tensors shows its full peak.
     Returns None where /proc is not Linux's.
     """
+    import ctypes
+    import ctypes.util
     import gc
 
     gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        ctypes.CDLL(libc_name).malloc_trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")

@@ -6,8 +6,6 @@ Run with the reference baselines so the table has same-run ratios:
 the one-user-at-a-time recommend_all baseline is measured here).
 """
 
-import ctypes
-import ctypes.util
 import time
 
 import pytest
@@ -24,25 +22,13 @@ pytestmark = pytest.mark.skipif(_reason is not None or harness.device().type != 
 BATCH = 128
 
 
-def trimmed_peak_bytes(step):
-    """harness.cpu_step_peak_bytes after handing glibc's free heap back to the OS.
-
-    Without the trim, memory an earlier step freed stays resident and is reused, so a
-    step built from allocations under glibc's mmap threshold (up to 32 MB) adds ~0 to
-    VmHWM while one with big tensors (mmap'd, returned at free) shows its full peak.
-    """
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    libc.malloc_trim(0)
-    return harness.cpu_step_peak_bytes(step)
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_train_step_cpu(benchmark, dtype):
     step = harness.make_training_step("cpu", harness.DTYPES[dtype], BATCH)
     step()  # warm-up
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
     harness.record(f"train step {dtype} B={BATCH}", "cpu", benchmark,
-                   peak_bytes=trimmed_peak_bytes(step))
+                   peak_bytes=harness.step_peak_bytes(step))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -54,7 +40,7 @@ def test_train_step_peak_memory(dtype):
         step()
         step()
         start = time.perf_counter()
-        peak = trimmed_peak_bytes(step)
+        peak = harness.step_peak_bytes(step)
         harness.record(group, backend, seconds=time.perf_counter() - start, peak_bytes=peak,
                        timed="1step")
         del step
