@@ -52,10 +52,16 @@ def _warn_once(message: str) -> None:
     print(f"acf_fast: {message}", file=sys.stderr)
 
 
+@lru_cache(maxsize=None)
+def _cuda_capability(index: int | None) -> tuple[int, int]:
+    # asked on every forward pass: cached, since a device's capability never changes
+    return torch.cuda.get_device_capability(index)
+
+
 def triton_supports(device: torch.device) -> bool:
     """Triton needs compute capability 7.5+ (so no GTX 1080 Ti); the interpreter runs anywhere."""
     if device.type == "cuda":
-        return triton_available() and torch.cuda.get_device_capability(device) >= (7, 5)
+        return triton_available() and _cuda_capability(device.index) >= (7, 5)
     return triton_interpreter_on() and triton_available()
 
 
