@@ -44,9 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from harness import WIKIMEDIA, cuda_step_peak_bytes, wikimedia_model  # noqa: E402
+from harness import WIKIMEDIA, cuda_step_peak_bytes, training_setup, wikimedia_model  # noqa: E402
 
-from acf_fast.losses import warp_loss  # noqa: E402
 from acf_fast.testing import wikimedia_batch  # noqa: E402
 
 # --smoke: a tiny CPU run (TRITON_INTERPRET=1) that checks this script end to end
@@ -78,24 +77,10 @@ def peaks():
 
 
 def build(backend, feature_dtype, batch_size, on_host=False):
-    if on_host:  # the tutorial's way: the table stays in host memory, batches are copied
-        model = wikimedia_model(backend, feature_dtype, torch.device("cpu"), **SHAPE)
-        model.features_on_host = True
-        model.to(DEVICE)
+    model, data, step = training_setup(backend, feature_dtype, batch_size, dev=DEVICE,
+                                       features_on_host=on_host, sync=False, **SHAPE)
+    if on_host:
         assert model.feature_table.device.type == "cpu"
-    else:
-        model = wikimedia_model(backend, feature_dtype, DEVICE, **SHAPE)
-    data = wikimedia_batch(model, batch=batch_size)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        pos, neg = model(*data)
-        loss = warp_loss(pos, neg)
-        loss.backward()
-        opt.step()
-        return loss
-
     return model, data, step
 
 

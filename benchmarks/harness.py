@@ -49,10 +49,21 @@ def wikimedia_model(backend: str, feature_dtype: torch.dtype, dev=None, **shape)
     return model.to(dev or device())
 
 
-def make_training_step(backend: str, feature_dtype: torch.dtype, batch: int = 128,
-                       compile: bool = False, dev=None):
-    """A closure running forward, WARP loss, backward and Adam on a fixed batch."""
-    model = wikimedia_model(backend, feature_dtype, dev)
+def training_setup(backend: str, feature_dtype: torch.dtype, batch: int = 128,
+                   compile: bool = False, dev=None, features_on_host: bool = False,
+                   sync: bool = True, **shape):
+    """(model, batch, step): step runs forward, WARP loss, backward and Adam on a fixed batch.
+
+    features_on_host keeps the table in host memory (the tutorial's way). sync=True ends
+    each CUDA step with a synchronize, for wall-clock timers; CUDA-event timing wants False.
+    """
+    dev = dev or device()
+    if features_on_host:
+        model = wikimedia_model(backend, feature_dtype, torch.device("cpu"), **shape)
+        model.features_on_host = True
+        model.to(dev)
+    else:
+        model = wikimedia_model(backend, feature_dtype, dev, **shape)
     data = wikimedia_batch(model, batch=batch)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
     fwd = torch.compile(model) if compile else model
@@ -63,11 +74,17 @@ def make_training_step(backend: str, feature_dtype: torch.dtype, batch: int = 12
         loss = warp_loss(pos, neg)
         loss.backward()
         opt.step()
-        if data.user_ids.is_cuda:
+        if sync and data.user_ids.is_cuda:
             torch.cuda.synchronize()
         return loss
 
-    return step
+    return model, data, step
+
+
+def make_training_step(backend: str, feature_dtype: torch.dtype, batch: int = 128,
+                       compile: bool = False, dev=None):
+    """A closure running forward, WARP loss, backward and Adam on a fixed batch."""
+    return training_setup(backend, feature_dtype, batch, compile=compile, dev=dev)[2]
 
 
 # ---------------------------------------------------------------- peak memory
