@@ -100,7 +100,6 @@ def _component_bwd_slot_kernel(
     slot = tl.program_id(0)
     i = slot // P
     s = tl.load(slot_item_ptr + slot)
-    valid = s >= 0
     s_safe = tl.maximum(s, 0).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M

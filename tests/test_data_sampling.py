@@ -9,7 +9,7 @@ import torch
 
 from acf_fast.data.formats import read_evaluation, read_interactions, read_triplets
 from acf_fast.data.history import UserHistory
-from acf_fast.data.sampling import load_manifest, prepare
+from acf_fast.data.sampling import prepare
 from acf_fast.data.synth import write_features
 
 N_ITEMS = 40

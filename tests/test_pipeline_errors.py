@@ -4,7 +4,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from acf_fast.cli import main as cli_main
 from acf_fast.data.formats import read_evaluation, read_interactions, read_triplets
@@ -16,12 +15,7 @@ from acf_fast.recommend import recommend
 from acf_fast.train import TrainConfig, Trainer, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

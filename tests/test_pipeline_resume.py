@@ -16,12 +16,7 @@ from acf_fast.model import ACF
 from acf_fast.train import BEST, LAST, TrainConfig, Trainer, epoch_permutation
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)          # tiny models: one thread is faster on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -395,7 +395,6 @@ def read_evaluation(path, n_users: int | None = None, n_items: int | None = None
     width = max(int(plen_all.max()), 1)
     profile = profiles_to_matrix(np.concatenate(pflat) + 1, plen_all, width)
     targets = np.concatenate(tflat) + 1
-    tptr = np.concatenate([[0], np.cumsum(tlen_all)])
 
     # group rows with equal (profile, user): the first row of each group fixes the order
     key = np.concatenate([user[:, None], profile, plen_all[:, None]], axis=1)
