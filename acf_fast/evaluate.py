@@ -27,6 +27,7 @@ from .data.sampling import load_manifest
 from .metrics import (IDEAL_HITS, IDEAL_MIN_N_K, KS, REPORTED, format_table, mean_metrics,
                       metric_names, ranking_metrics)
 from .model import ACF
+from .scoring import catalogue_columns
 
 PROTOCOLS = {"tutorial": IDEAL_HITS, "standard": IDEAL_MIN_N_K}
 HISTORY_BINS = (1, 3, 6, 11, 21, 51, 101)   # bin edges on the number of training items
@@ -34,12 +35,7 @@ HISTORY_BINS = (1, 3, 6, 11, 21, 51, 101)   # bin edges on the number of trainin
 
 def _columns(model: ACF, items: torch.Tensor) -> torch.Tensor:
     """Catalogue column of each item id (-1 for padding / ids outside the catalogue)."""
-    all_items = model.all_items
-    column_of = torch.full((int(all_items.max()) + 1,), -1, dtype=torch.long, device=all_items.device)
-    column_of[all_items] = torch.arange(all_items.numel(), device=all_items.device)
-    items = items.to(all_items.device).long()
-    inside = (items > 0) & (items < column_of.numel())
-    return torch.where(inside, column_of[items.clamp(0, column_of.numel() - 1)], -1)
+    return catalogue_columns(model.all_items, items)
 
 
 def catalogue_scores(model: ACF, users: torch.Tensor, profiles: torch.Tensor) -> torch.Tensor:

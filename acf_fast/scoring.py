@@ -5,15 +5,20 @@ from __future__ import annotations
 import torch
 
 
-def _excluded_columns(all_items: torch.Tensor, exclude: torch.Tensor, num_rows: int):
-    """(rows, cols) of excluded (user, catalogue column) pairs; id 0 in exclude means none."""
+def catalogue_columns(all_items: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Catalogue column of each item id (-1 for padding and ids outside the catalogue)."""
     column_of = torch.full((int(all_items.max()) + 1,), -1, dtype=torch.long, device=all_items.device)
     column_of[all_items] = torch.arange(all_items.numel(), device=all_items.device)
-    exclude = exclude.to(all_items.device).long()
+    items = items.to(all_items.device).long()
+    inside = (items > 0) & (items < column_of.numel())
+    return torch.where(inside, column_of[items.clamp(0, column_of.numel() - 1)], -1)
+
+
+def _excluded_columns(all_items: torch.Tensor, exclude: torch.Tensor, num_rows: int):
+    """(rows, cols) of excluded (user, catalogue column) pairs; id 0 in exclude means none."""
     if exclude.shape[0] != num_rows:
         raise ValueError(f"exclude has {exclude.shape[0]} rows, expected {num_rows}")
-    inside = (exclude > 0) & (exclude < column_of.numel())
-    cols = torch.where(inside, column_of[exclude.clamp(0, column_of.numel() - 1)], -1)
+    cols = catalogue_columns(all_items, exclude)
     rows = torch.arange(num_rows, device=all_items.device).unsqueeze(1).expand_as(cols)
     keep = cols >= 0
     return rows[keep], cols[keep]
