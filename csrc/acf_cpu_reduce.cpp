@@ -204,34 +204,38 @@ std::tuple<at::Tensor, at::Tensor> reduce_items_backward_cpu(const at::Tensor& g
   // bf16 x bf16 -> fp32: dL/dR is rounded to bf16 like the features; accumulation and
   // dW stay float32.
   const auto g16 = mkl ? g.to(at::kBFloat16) : at::Tensor();
-  const int64_t chunk = std::min(chunk_items(), K);
-  const int64_t chunks = (K + chunk - 1) / chunk;
-  // task t sums chunks [t * per, (t + 1) * per) into partial t
-  const int64_t per = (chunks + kMaxPartials - 1) / kMaxPartials;
-  const int64_t tasks = (chunks + per - 1) / per;
+  // Item by item, straight from the table: dW += g_k^T [D, M] x table[items[k]] [M, F].
+  // Unlike the forward (M = 49 rows is too few for a good GEMM there), this GEMM's long
+  // side is the 2048-wide output, which stays in cache across items; it ran at 174
+  // GFLOP/s per core against 131 for 32-item chunks, and needs no gather: the rows are
+  // read once, in place (a 16-bit table is widened one item at a time, in L2).
+  // Task t sums items [t * per, (t + 1) * per) into partial t.
+  const int64_t per = (K + kMaxPartials - 1) / kMaxPartials;
+  const int64_t tasks = (K + per - 1) / per;
   auto partial = at::empty({tasks, D, F}, weight.options());
+  const char* base = static_cast<const char*>(table.const_data_ptr());
+  const int64_t row_bytes = M * F * table.element_size();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     SequentialBlas sequential;
-    ChunkLoader loader(table, chunk, widen ? weight.scalar_type() : table.scalar_type());
+    ChunkLoader loader(table, 1, widen ? weight.scalar_type() : table.scalar_type());
     // tasks handed out one at a time (see parallel_tasks in acf_cpu.h)
     for (int64_t t = next++; t < tasks; t = next++) {
       auto part = partial[t];
-      for (int64_t c = t * per; c < std::min(chunks, (t + 1) * per); ++c) {
-        const int64_t start = c * chunk, n = std::min(chunk, K - start);
-        const bool first = c == t * per;
-        auto x = loader.load(ids + start, n);
+      for (int64_t k = t * per; k < std::min(K, (t + 1) * per); ++k) {
+        const bool first = k == t * per;
         if (mkl) {
-          auto gs = g16.narrow(0, start * M, n * M);
-          cblas_gemm_bf16bf16f32(kRowMajor, kTrans, kNoTrans, int(D), int(F), int(n * M), 1.0f,
-                                 reinterpret_cast<const uint16_t*>(gs.const_data_ptr()), int(D),
-                                 reinterpret_cast<const uint16_t*>(x.const_data_ptr()), int(F),
-                                 first ? 0.0f : 1.0f, part.data_ptr<float>(), int(F));
-        } else {
-          auto gs = g.narrow(0, start * M, n * M).t();
-          if (first) at::mm_out(part, gs, x);
-          else part.addmm_(gs, x);
+          const auto* x = reinterpret_cast<const uint16_t*>(base + ids[k] * row_bytes);
+          const auto* gs = reinterpret_cast<const uint16_t*>(g16.const_data_ptr()) + k * M * D;
+          cblas_gemm_bf16bf16f32(kRowMajor, kTrans, kNoTrans, int(D), int(F), int(M), 1.0f, gs,
+                                 int(D), x, int(F), first ? 0.0f : 1.0f, part.data_ptr<float>(),
+                                 int(F));
+          continue;
         }
+        auto x = widen ? loader.load(ids + k, 1) : table[ids[k]];
+        auto gs = g.narrow(0, k * M, M).t();
+        if (first) at::mm_out(part, gs, x);
+        else part.addmm_(gs, x);
       }
     }
   });
