@@ -1,21 +1,23 @@
 // W_red applied once per distinct real item of a batch (SPEC step 1), forward and
-// backward. This is where almost all of ACF's FLOPs are, so it is all GEMM: the items'
-// [M, F] grids are gathered a chunk at a time into a small per-thread buffer (the whole
-// gather, up to 460 MB in float32, is never materialised, in either direction) and
-// multiplied by MKL. A 16-bit table is read as 16-bit (half the memory traffic of the
-// gather) and widened to the compute dtype chunk by chunk, in cache, before an fp32
-// GEMM: on this project's AVX512-BF16 Xeon (no AMX) one core does 158 GFLOP/s in fp32
-// against 100 in bf16 x bf16 -> fp32, so widening is both faster and exact. With
-// bf16_gemm=True a bfloat16 table goes through MKL's bf16 x bf16 -> fp32 GEMM instead
-// (fp32 accumulation and output; W_red and dL/dR rounded to bf16), for CPUs where that
-// is the faster unit (AMX).
+// backward. This is where almost all of ACF's FLOPs are, so it is all GEMM, by MKL.
+// Forward: the items' [M, F] grids are gathered a chunk at a time into a small
+// per-thread buffer (the whole gather, up to 460 MB in float32, is never materialised)
+// and multiplied; one item's 49 rows alone are too few rows for an efficient GEMM.
+// Backward: W_red's gradient is accumulated item by item straight from the table, with
+// no gather (there the long side of the GEMM is the output, which stays in cache).
+// A 16-bit table is read as 16-bit (half the memory traffic) and widened to the compute
+// dtype in cache, before an fp32 GEMM: on this project's AVX512-BF16 Xeon (no AMX) MKL's
+// bf16 x bf16 -> fp32 GEMM is slower than its fp32 one (182 against 225 GFLOP/s on two
+// cores), so widening is both faster and exact. With bf16_gemm=True a bfloat16 table
+// goes through that bf16 GEMM instead (fp32 accumulation and output; W_red and dL/dR
+// rounded to bf16), for CPUs where it is the faster unit (AMX).
 //
-// Threads work on whole chunks, each with a single-threaded GEMM, inside one parallel
-// region per op: on a busy 2-core machine every fork/join of a threaded GEMM can cost a
-// scheduler quantum, and per-chunk threaded GEMMs had 30 of them per step. It also makes
-// the results independent of the thread count: chunk boundaries are fixed, each output
-// row comes from one sequential GEMM, and W_red's gradient is summed from a fixed number
-// of partial sums in a fixed order.
+// Threads work on whole chunks (items, in the backward), each with a single-threaded
+// GEMM, inside one parallel region per op: on a busy 2-core machine every fork/join of
+// a threaded GEMM can cost a scheduler quantum. It also makes the results independent
+// of the thread count: chunk boundaries are fixed, each output row comes from one
+// sequential GEMM, and W_red's gradient is summed from a fixed number of partial sums
+// in a fixed order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
