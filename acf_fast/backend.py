@@ -79,8 +79,12 @@ def resolve(requested: str, device: torch.device | str) -> str:
         _warn_once(f"Triton unsupported on {torch.cuda.get_device_name(device)}; "
                    "using the reference backend")
         return "reference"
-    if device.type == "cpu" and _backend_module_exists("cpu") and cpu_extension_available():
-        return "cpu"
+    if device.type == "cpu" and _backend_module_exists("cpu"):
+        if cpu_extension_available():
+            return "cpu"
+        from . import _ext
+        _warn_once(f"native CPU backend unavailable ({_ext._load()[1]}); using the reference "
+                   "backend, several times slower")
     return "reference"
 
 

@@ -44,6 +44,20 @@ def _check_finite(block: torch.Tensor, first_item_row: int, source) -> None:
                          "contain NaN or inf")
 
 
+def _convert_checked(block: torch.Tensor, dtype: torch.dtype, first_item_row: int, source):
+    """block.to(dtype), refusing values that overflow it (float16 tops out at 65504):
+    an inf in the table would make every score that touches the item NaN."""
+    out = block.to(dtype)
+    bad = ~torch.isfinite(out).flatten(1).all(dim=1)
+    if bad.any():
+        row = first_item_row + int(bad.nonzero()[0, 0])
+        limit = torch.finfo(dtype).max
+        raise ValueError(f"{source}: features of item row {row} (item id {row + 1}) exceed the "
+                         f"{_dtype_name(dtype)} range (|x| <= {limit:.6g}); choose float32 or "
+                         "bfloat16 features, or rescale them")
+    return out
+
+
 def grid_to_components(block: torch.Tensor, layout: str) -> torch.Tensor:
     """[n, F, 7, 7] ('channels_first'), [n, 7, 7, F] ('channels_last') or [n, M, F] -> [n, M, F]."""
     if layout == "channels_first":
@@ -78,7 +92,7 @@ def table_from_tensor(features: torch.Tensor, dtype: torch.dtype | None = None) 
         _dtype_name(dtype)
     _check_finite(comps, 0, "features")
     table = comps.new_zeros((comps.shape[0] + 1, *comps.shape[1:]), dtype=dtype)
-    table[1:] = comps
+    table[1:] = _convert_checked(comps, dtype, 0, "features")
     return table
 
 
@@ -95,7 +109,8 @@ def _write_cache(dest: Path, n_items: int, m: int, f: int, dtype: torch.dtype, b
             view = view.view(torch.bfloat16)
         for first, block in blocks:
             _check_finite(block, first, meta["source"])
-            view[1 + first: 1 + first + block.shape[0]] = block.to(dtype)
+            view[1 + first: 1 + first + block.shape[0]] = _convert_checked(block, dtype, first,
+                                                                           meta["source"])
         out.flush()
         del out, view
         meta = {**meta, "cache_bytes": tmp.stat().st_size, "sha256": _file_sha256(tmp)}

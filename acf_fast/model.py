@@ -143,16 +143,16 @@ class ACF(nn.Module):
     def _check_ranges(checks, mask_mismatch=None) -> None:
         """All id ranges (and the mask's agreement) in one device->host sync: on a GPU every
         sync stalls the launch queue, and a step has up to nine such checks."""
-        flags = [((ids < 0) | (ids >= upper)).any() for _, ids, upper in checks]
+        flags = [((ids < lowest) | (ids >= upper)).any() for _, ids, lowest, upper in checks]
         if mask_mismatch is not None:
             flags.append(mask_mismatch)
         if not flags or not torch.stack(flags).any():
             return
-        for name, ids, upper in checks:  # error path only: find the offender for the message
+        for name, ids, lowest, upper in checks:  # error path only: find the offender
             lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= upper:
-                raise ValueError(f"{name} contains id {lo if lo < 0 else hi}, "
-                                 f"expected ids in [0, {upper - 1}]")
+            if lo < lowest or hi >= upper:
+                raise ValueError(f"{name} contains id {lo if lo < lowest else hi}, "
+                                 f"expected ids in [{lowest}, {upper - 1}]")
         raise ValueError("profile_mask disagrees with profile_ids: a slot must be masked "
                          "exactly when its id is the padding id 0")
 
@@ -163,14 +163,15 @@ class ACF(nn.Module):
             raise ValueError(f"profile_ids has {profile_ids.shape[0]} rows but user_ids has "
                              f"{user_ids.shape[0]}")
         n_ids = self.num_items + 1
-        checks = [("user_ids", user_ids, self.num_users), ("profile_ids", profile_ids, n_ids)]
+        checks = [("user_ids", user_ids, 0, self.num_users), ("profile_ids", profile_ids, 0, n_ids)]
         if pos is not None:
             pos = self._check_ids(pos, "pos", 1)
             neg = self._check_ids(neg, "neg", 1)
             if not (pos.shape[0] == neg.shape[0] == user_ids.shape[0]):
                 raise ValueError(f"user_ids, pos and neg must have the same length, got "
                                  f"{user_ids.shape[0]}, {pos.shape[0]}, {neg.shape[0]}")
-            checks += [("pos", pos, n_ids), ("neg", neg, n_ids)]
+            # the padding id 0 is no item: scoring it would silently give 0
+            checks += [("pos", pos, 1, n_ids), ("neg", neg, 1, n_ids)]
         derived = self.profile_mask_for(profile_ids)
         mismatch = None
         if profile_mask is None:

@@ -50,3 +50,14 @@ class ACFWeights(NamedTuple):
             i_wx=um.w_x.weight, i_bx=um.w_x.bias,
             i_w=um.w.weight, i_b=um.w.bias,
         )
+
+    def require_full_precision(self, backend: str) -> None:
+        """The fused backends compute in the parameters' dtype: 16-bit parameters would
+        accumulate in 16 bits. A 16-bit feature table (feature_dtype=) is the supported
+        way to halve memory."""
+        dtypes = {t.dtype for t in self}
+        if not dtypes <= {torch.float32, torch.float64} or len(dtypes) != 1:
+            raise ValueError(f"the {backend} backend needs float32 or float64 parameters (all "
+                             f"the same), got {sorted(map(str, dtypes))}; keep the module in "
+                             "float32 and pass feature_dtype=torch.bfloat16 for a 16-bit "
+                             "feature table")

@@ -102,6 +102,18 @@ def test_nan_features_are_refused_naming_the_item(tmp_path):
     assert not cache_path(tmp_path / "f.npy", torch.float32).exists()
 
 
+def test_values_beyond_float16_are_refused_not_made_inf(tmp_path):
+    g = grids()
+    g[2, 1, 3, 3] = 7e4  # finite in float32, inf in float16 (max 65504)
+    with pytest.raises(ValueError, match=r"item row 2 .item id 3. exceed the float16 range"):
+        table_from_tensor(torch.from_numpy(g), torch.float16)
+    with pytest.raises(ValueError, match="exceed the float16 range"):
+        load_feature_table(write_npy(tmp_path / "f.npy", g), torch.float16)
+    assert not cache_path(tmp_path / "f.npy", torch.float16).exists()
+    # bfloat16 has float32's range: the same features are fine there
+    assert torch.isfinite(table_from_tensor(torch.from_numpy(g), torch.bfloat16).float()).all()
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_feature_table(tmp_path / "missing.npy")

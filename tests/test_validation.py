@@ -23,7 +23,9 @@ def call(model, **override):
 @pytest.mark.parametrize("override, error, message", [
     (dict(user_ids=torch.tensor([0, 1, 4])), ValueError, r"user_ids contains id 4, expected ids in \[0, 3\]"),
     (dict(user_ids=torch.tensor([0, -1, 2])), ValueError, "user_ids contains id -1"),
-    (dict(pos=torch.tensor([1, 2, 11])), ValueError, r"pos contains id 11, expected ids in \[0, 10\]"),
+    (dict(pos=torch.tensor([1, 2, 11])), ValueError, r"pos contains id 11, expected ids in \[1, 10\]"),
+    (dict(pos=torch.tensor([1, 0, 2])), ValueError, r"pos contains id 0, expected ids in \[1, 10\]"),
+    (dict(neg=torch.tensor([3, 2, 0])), ValueError, r"neg contains id 0, expected ids in \[1, 10\]"),
     (dict(neg=torch.tensor([-3, 2, 1])), ValueError, "neg contains id -3"),
     (dict(profile_ids=torch.tensor([[1, 12], [0, 0], [0, 0]])), ValueError, "profile_ids contains id 12"),
     (dict(user_ids=torch.tensor([0.0, 1.0, 2.0])), TypeError, "user_ids must be an int64 or int32"),
@@ -75,3 +77,19 @@ def test_recommend_all_bad_k(model):
     b = random_batch(model, batch=2)
     with pytest.raises(ValueError, match=r"k must be in \[1, 10\]"):
         model.recommend_all(b.user_ids, b.profile_ids, k=11)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_backends_refuse_16bit_parameters(backend, dtype):
+    from acf_fast.backend import cpu_extension_available, triton_interpreter_on
+    if backend == "cpu" and not cpu_extension_available():
+        pytest.skip("cpu backend: the native extension is not built")
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not triton_interpreter_on():
+            pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
+    m = random_model(n_users=4, n_items=10, d=8, f=6, m=4, backend=backend).to(dtype)
+    with pytest.raises(ValueError, match=rf"{backend} backend needs float32 or float64 "
+                                         rf"parameters .all the same., got \['{dtype}'\]"):
+        call(m)

@@ -32,6 +32,7 @@ def _slot_items(profile_ids: torch.Tensor, profile_mask: torch.Tensor):
 
 def user_vectors(model, user_ids, profile_ids, profile_mask, return_attentions=False):
     w = ACFWeights.of(model)
+    w.require_full_precision("cpu")
     items, slot_item = _slot_items(profile_ids, profile_mask)
     r = cpu_ops.reduce_items(model.feature_table, items, w.red_w, w.red_b)
     # one GEMM for both per-item projections: columns [0, H) W2x r, [H, H+D) W1x r. No

@@ -182,7 +182,13 @@ def fused_acf(weights: ACFWeights, table: torch.Tensor, user_ids, profile_ids, p
     D = weights.user_emb.shape[1]
     if weights.c_wx.shape[0] != D:
         raise ValueError("the triton backend needs the attention hidden size H == model_dim")
+    weights.require_full_precision("triton")
     B, P = profile_ids.shape
+    M = table.shape[1]
+    if B * max(P, 1) * max(M, D) >= 2**31:
+        # the attention kernels index per-slot rows with 32-bit offsets
+        raise ValueError(f"{B} users x {P} profile slots is too large for one triton call "
+                         f"(B * P * max(M, D) must stay below 2**31); split the batch")
     if P == 0:  # no slots at all: one padded slot gives the same result (alpha = 0)
         profile_ids = profile_ids.new_zeros((B, 1))
         profile_mask = profile_mask.new_zeros((B, 1))
