@@ -22,6 +22,30 @@ import sys
 from .data.synth import SynthConfig
 
 
+def _count(minimum: int = 1):
+    """argparse type: an integer >= minimum, refused with the value and the bound."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
 def _add_runtime(p):
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -29,97 +53,118 @@ def _add_runtime(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="acf-fast", description="Attentive Collaborative Filtering pipeline")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    ap = argparse.ArgumentParser(prog="acf-fast", description="Attentive Collaborative Filtering pipeline",
+                                 formatter_class=fmt)
     ap.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=_count(1), default=None,
                     help="torch CPU threads (default: torch's choice; the demo uses 1)")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("synth", help="write a synthetic Wikimedia-shaped dataset")
+    p = sub.add_parser("synth", formatter_class=fmt, help="write a synthetic Wikimedia-shaped dataset")
     p.add_argument("out")
     d = SynthConfig()
-    p.add_argument("--users", type=int, default=d.n_users)
-    p.add_argument("--items", type=int, default=d.n_items)
-    p.add_argument("--concepts", type=int, default=d.n_concepts)
-    p.add_argument("--concepts-per-user", type=int, default=d.concepts_per_user)
-    p.add_argument("--feature-dim", type=int, default=d.feature_dim)
-    p.add_argument("--median-interactions", type=float, default=d.median_interactions)
-    p.add_argument("--noise-rate", type=float, default=d.noise_rate)
-    p.add_argument("--no-images", action="store_true")
+    p.add_argument("--users", type=_count(1), default=d.n_users, help="number of users")
+    p.add_argument("--items", type=_count(1), default=d.n_items, help="number of items")
+    p.add_argument("--concepts", type=_count(1), default=d.n_concepts,
+                   help="planted visual concepts (the ground truth explain can outline)")
+    p.add_argument("--concepts-per-user", type=_count(1), default=d.concepts_per_user,
+                   help="concepts each user prefers")
+    p.add_argument("--feature-dim", type=_count(1), default=d.feature_dim,
+                   help="feature channels F (ResNet50 layer4 has 2048)")
+    p.add_argument("--median-interactions", type=_positive_float, default=d.median_interactions,
+                   help="median interactions per user")
+    p.add_argument("--noise-rate", type=float, default=d.noise_rate,
+                   help="share of interactions that ignore the user's concepts, in [0, 1]")
+    p.add_argument("--no-images", action="store_true", help="skip writing item images")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("prepare", help="the tutorial's sampling: triplets + evaluation file")
+    p = sub.add_parser("prepare", formatter_class=fmt, help="the tutorial's sampling: triplets + evaluation file")
     p.add_argument("interactions")
     p.add_argument("features")
     p.add_argument("out")
-    p.add_argument("--n-train", type=int, default=10_000_000)
-    p.add_argument("--n-validation", type=int, default=500_000)
-    p.add_argument("--holdout-baskets", type=int, default=10)
+    p.add_argument("--n-train", type=_count(1), default=10_000_000,
+                   help="training triplets; split evenly over users, ceil(n / users) each, so "
+                        "the total can exceed n slightly")
+    p.add_argument("--n-validation", type=_count(1), default=500_000,
+                   help="validation triplets, split like --n-train")
+    p.add_argument("--holdout-baskets", type=_count(1), default=10,
+                   help="most recent baskets per user held out for evaluation")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("train", help="train ACF on prepared triplets")
+    p = sub.add_parser("train", formatter_class=fmt, help="train ACF on prepared triplets")
     p.add_argument("data", help="folder written by `prepare`")
-    p.add_argument("out", help="folder for checkpoints (best.pt, last.pt) and history.jsonl")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--loss", default="warp", choices=["warp", "sigmoid", "bpr"])
-    p.add_argument("--model-dim", type=int, default=128)
-    p.add_argument("--max-profile-size", type=int, default=9)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", help="folder for checkpoints (best.pt, last.pt) and history.json")
+    p.add_argument("--epochs", type=_count(1), default=10, help="total epochs (also with --resume)")
+    p.add_argument("--batch-size", type=_count(1), default=128, help="triplets per step")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay")
+    p.add_argument("--loss", default="warp", choices=["warp", "sigmoid", "bpr"],
+                   help="pairwise loss (the tutorial's is WARP)")
+    p.add_argument("--model-dim", type=_count(1), default=128, help="embedding size D")
+    p.add_argument("--max-profile-size", type=_count(1), default=9,
+                   help="profile items per triplet (the tutorial's 9)")
+    p.add_argument("--seed", type=int, default=0, help="parameter init and batch order")
     p.add_argument("--patience", type=int, default=3, help="early stopping (0 = off)")
-    p.add_argument("--select-by", default="loss", choices=["loss", "auc"])
-    p.add_argument("--val-rank-samples", type=int, default=1000)
-    p.add_argument("--checkpoint-every", type=int, default=0, help="also write last.pt every N steps")
-    p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--select-by", default="loss", choices=["loss", "auc"],
+                   help="validation quantity that picks best.pt")
+    p.add_argument("--val-rank-samples", type=_count(0), default=1000,
+                   help="validation triplets ranked against the whole catalogue each epoch "
+                        "for val_auc / val_rr (0: skip)")
+    p.add_argument("--checkpoint-every", type=_count(0), default=0,
+                   help="also write last.pt every N steps (0: once per epoch)")
+    p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="feature table dtype (16-bit halves its memory)")
+    p.add_argument("--max-steps", type=_count(1), default=None,
+                   help="stop after this many steps in all (default: no limit)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     _add_runtime(p)
 
-    p = sub.add_parser("evaluate", help="full-catalogue ranking metrics (tutorial + standard)")
+    p = sub.add_parser("evaluate", formatter_class=fmt, help="full-catalogue ranking metrics (tutorial + standard)")
     p.add_argument("checkpoint")
     p.add_argument("data")
     p.add_argument("--out", default=None, help="folder for metrics.json/.csv and the PNGs")
     p.add_argument("--protocol", default="both", choices=["both", "tutorial", "standard"])
-    p.add_argument("--ks", default="20,100,200")
-    p.add_argument("--memory-mb", type=float, default=256)
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--ks", default="20,100,200", help="cutoffs for recall/precision/nDCG@k")
+    p.add_argument("--memory-mb", type=_positive_float, default=256,
+                   help="memory budget for one block of score rows")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG figures")
     _add_runtime(p)
 
-    p = sub.add_parser("recommend", help="top-k items for users")
+    p = sub.add_parser("recommend", formatter_class=fmt, help="top-k items for users")
     p.add_argument("checkpoint")
     p.add_argument("data")
     p.add_argument("--users", default="all", help="comma-separated user ids, or 'all'")
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--include-consumed", action="store_true")
+    p.add_argument("-k", type=_count(1), default=10, help="recommendations per user")
+    p.add_argument("--include-consumed", action="store_true",
+                   help="keep items the user already consumed")
     p.add_argument("--out", default=None, help=".json or .csv (default: JSON on stdout)")
     _add_runtime(p)
 
-    p = sub.add_parser("explain", help="PNG of a user's attentions and recommendations")
+    p = sub.add_parser("explain", formatter_class=fmt, help="PNG of a user's attentions and recommendations")
     p.add_argument("checkpoint")
     p.add_argument("data")
-    p.add_argument("--user", type=int, required=True)
+    p.add_argument("--user", type=int, required=True, help="user id (0-based, as in the files)")
     p.add_argument("--out", required=True, help="PNG path")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=_count(1), default=10, help="recommendations shown")
     p.add_argument("--images", default=None, help="folder with the item images (names as in the features)")
     p.add_argument("--planted", default=None, help="synthetic ground truth (planted.npz) to outline")
     p.add_argument("--exclude", default="profile", choices=["profile", "train", "none"],
                    help="items left out of the top-k (default: the profile shown, as in the tutorial)")
     _add_runtime(p)
 
-    p = sub.add_parser("extract", help="ResNet50 layer4 features of an image folder (.h5)")
+    p = sub.add_parser("extract", formatter_class=fmt, help="ResNet50 layer4 features of an image folder (.h5)")
     p.add_argument("images")
     p.add_argument("out")
     p.add_argument("--weights", default=None, help="local ResNet50 state dict (.pth)")
     p.add_argument("--random-weights", action="store_true", help="untrained network (testing)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_count(1), default=16, help="images per forward pass")
     p.add_argument("--device", default="cpu")
 
-    p = sub.add_parser("demo", help="synth, prepare, train, evaluate, explain in a few minutes")
+    p = sub.add_parser("demo", formatter_class=fmt, help="synth, prepare, train, evaluate, explain in a few minutes")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--n-train", type=int, default=40_000)
+    p.add_argument("--epochs", type=_count(1), default=5)
+    p.add_argument("--n-train", type=_count(1), default=40_000)
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -210,7 +255,7 @@ def run(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
@@ -226,6 +271,11 @@ def main(argv=None) -> int:
             raise
         print(f"acf-fast: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.traceback:
+            raise
+        print(f"acf-fast: {args.command} interrupted", file=sys.stderr)
+        return 130
     finally:
         from .distributed import shutdown
 

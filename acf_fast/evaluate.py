@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,13 @@ def evaluate_groups(model: ACF, groups: EvaluationGroups, history: UserHistory |
         raise ValueError("the standard protocol needs the users' training history (history.npz)")
     device = torch.device(device) if device else model.item_model.weight.device
     n_items = model.all_items.numel()
+    if not memory_mb > 0:
+        raise ValueError(f"memory_mb must be positive, got {memory_mb}")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive cutoffs, got {list(ks)}")
+    if max(ks) >= n_items and progress and distributed.is_main():
+        print(f"note: cutoffs {[k for k in ks if k >= n_items]} reach the whole catalogue "
+              f"({n_items} items): metrics there rank every item", file=sys.stderr)
     bad_users = groups.user[groups.user >= model.num_users]
     if bad_users.size:
         raise ValueError(f"evaluation names unknown user id {int(bad_users[0])}; "
@@ -206,6 +214,16 @@ def load_model(checkpoint, features, backend, device, n_users=None, n_items=None
     from .checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(checkpoint)
+    state = ckpt["state_dict"]
+    # before building the model: a checkpoint of another dataset would otherwise fail on
+    # the feature table, with a message blaming the feature file
+    for what, key, expected in (("users", "user_model.user_embedding.weight", n_users),
+                                ("items", "item_model.weight", n_items)):
+        if expected is not None and key in state:
+            have = state[key].shape[0] - (what == "items")
+            if have != expected:
+                raise ValueError(f"checkpoint {checkpoint} was trained with {have} {what} but the "
+                                 f"dataset has {expected}: it belongs to another dataset")
     model = ACF.from_checkpoint(ckpt, feature_path=features, backend=backend, device=device)
     if n_items is not None:
         from .train import check_feature_count

@@ -43,6 +43,8 @@ def user_explanation(model, history: UserHistory, user: int, k: int = 10,
     u = torch.from_numpy(users).to(device)
     (scores, items), alpha, beta = model.recommend_all(u, prof, return_attentions=True, k=k, exclude=excl)
     mask = prof[0] > 0
+    found = torch.isfinite(scores[0])  # exclusions can leave fewer than k items
+    scores, items = scores[:, found], items[:, found]
     train = set(history.train_of(user).tolist())
     held = sorted(set(history.consumed_of(user).tolist()) - train)
     m = beta.shape[-1]

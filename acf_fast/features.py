@@ -87,6 +87,9 @@ def table_from_tensor(features: torch.Tensor, dtype: torch.dtype | None = None) 
     if not features.is_floating_point():
         raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
     comps = grid_to_components(features, infer_layout(features.shape))
+    if comps.shape[0] == 0:
+        raise ValueError("features has no items (shape "
+                         f"{tuple(features.shape)}); expected one row per item id 1..N")
     dtype = dtype or (features.dtype if features.dtype in SUPPORTED_DTYPES else torch.float32)
     if dtype != torch.float64:
         _dtype_name(dtype)
@@ -124,12 +127,17 @@ def _write_cache(dest: Path, n_items: int, m: int, f: int, dtype: torch.dtype, b
                 leftover.unlink()
 
 
-def _npy_blocks(arr):
+def _npy_blocks(arr, path, f):
     for i in range(arr.shape[0]):
-        grid = np.asarray(arr[i, 1], dtype=np.float32)
+        try:
+            grid = np.asarray(arr[i, 1], dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: feature row {i} (item id {i + 1}) is not numeric "
+                             f"({exc})") from None
         arr[i, 1] = None  # drop the source row as soon as it is copied: one copy at a time
-        if grid.ndim != 3 or grid.shape[1:] != (GRID, GRID):
-            raise ValueError(f"feature row {i}: expected an array of shape (F, 7, 7), got {grid.shape}")
+        if grid.shape != (f, GRID, GRID):
+            raise ValueError(f"{path}: feature row {i} (item id {i + 1}): expected an array of "
+                             f"shape ({f}, 7, 7) like row 0, got {grid.shape}")
         yield i, grid_to_components(torch.from_numpy(grid)[None], "channels_first")
 
 
@@ -148,7 +156,7 @@ def _convert_npy(path: Path, dtype: torch.dtype, dest: Path) -> None:
         raise ValueError(f"{path}: expected feature arrays of shape (F, 7, 7), got {first.shape}")
     names = [str(x) for x in arr[:, 0]]
     meta = _meta(path, dtype, names)
-    _write_cache(dest, arr.shape[0], GRID * GRID, first.shape[0], dtype, _npy_blocks(arr), meta)
+    _write_cache(dest, arr.shape[0], GRID * GRID, first.shape[0], dtype, _npy_blocks(arr, path, first.shape[0]), meta)
 
 
 CHUNK_BYTES = 8 * 2**20  # .h5 rows read per step: bounded, whatever the table size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -14,13 +15,30 @@ from .reference import ACFUserNet
 PAD = 0
 
 
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value}")
+    return int(value)
+
+
+def _id_tensor(ids, what: str) -> torch.Tensor:
+    """An id list / array / tensor as an int64 tensor, refusing anything else by name."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
+        raise TypeError(f"{what} must be a count (int) or a list/array/tensor of integer ids, "
+                        f"got {type(ids).__name__} {ids!r}")
+    t = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{what} must hold integer ids, got {t.dtype}")
+    return t.long()
+
+
 def _count_ids(ids, what: str) -> int:
     """The tutorial passes id lists and sizes tables by max(id) + 1; a plain int is a count."""
-    if isinstance(ids, int):
-        if ids <= 0:
-            raise ValueError(f"{what} must be a positive count, got {ids}")
-        return ids
-    ids = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids)
+    if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
+        return _positive_int(ids, what)
+    ids = _id_tensor(ids, what)
     if ids.numel() == 0:
         raise ValueError(f"{what} must not be empty")
     if ids.min() < 0:
@@ -30,11 +48,13 @@ def _count_ids(ids, what: str) -> int:
 
 def _catalogue(items) -> torch.Tensor:
     """The tutorial's `all_items`: item ids shifted to 1-based when they start at 0."""
-    if isinstance(items, int):
-        return torch.arange(1, items + 1)
-    all_items = torch.as_tensor(list(items) if not isinstance(items, torch.Tensor) else items).long()
+    if isinstance(items, numbers.Integral) and not isinstance(items, bool):
+        return torch.arange(1, _positive_int(items, "items") + 1)
+    all_items = _id_tensor(items, "items")
     if all_items.numel() == 0:
         raise ValueError("items must not be empty")
+    if all_items.min() < 0:
+        raise ValueError(f"items contains a negative id ({int(all_items.min())})")
     return all_items + 1 if all_items.min() == 0 else all_items
 
 
@@ -61,8 +81,8 @@ class ACF(nn.Module):
         if (feature_path is None) == (features is None):
             raise ValueError("give exactly one of feature_path= or features=")
         self.pad_token = PAD
-        self.model_dim = int(model_dim)
-        self.max_profile_size = int(max_profile_size)
+        self.model_dim = _positive_int(model_dim, "model_dim")
+        self.max_profile_size = _positive_int(max_profile_size, "max_profile_size")
         self.backend = backend
         _backend.resolve(backend, "cpu")  # reject unknown names now, not at the first batch
         self.feature_path = None if feature_path is None else os.fspath(feature_path)
@@ -214,9 +234,14 @@ class ACF(nn.Module):
         k=None returns scores [B, N] (and alpha [B, P], beta [B, P, M] when
         return_attentions). With k, returns (top-k scores [B, k], top-k item ids [B, k])
         without materialising more than one [B, block_items] block. `exclude` is an
-        optional [B, E] tensor of item ids (0 = none) to rank last.
+        optional [B, E] tensor of item ids (0 = none) to rank last; with k, places that
+        exclusions leave empty hold item id 0 with score -inf.
         """
         user, alpha, beta = self.user_vectors(user_ids, profile_ids, profile_mask, return_attentions)
+        if not torch.isfinite(user).all():
+            # NaN scores would rank as ties and give meaningless metrics downstream
+            raise ValueError("the model's user vectors are not finite (NaN/inf parameters, "
+                             "e.g. from a diverged training run); no ranking is possible")
         from .scoring import score_catalogue
 
         result = score_catalogue(user, self.item_model.weight, self.all_items, self.model_dim,

@@ -31,6 +31,8 @@ def parse_users(spec) -> list[int] | None:
             out.append(int(s))
         except (TypeError, ValueError):
             raise ValueError(f"user id {s!r} is not an integer") from None
+    if not out:
+        raise ValueError(f"users {spec!r} names no user id: give comma-separated ids or 'all'")
     return out
 
 

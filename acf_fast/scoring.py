@@ -16,8 +16,16 @@ def catalogue_columns(all_items: torch.Tensor, items: torch.Tensor) -> torch.Ten
 
 def _excluded_columns(all_items: torch.Tensor, exclude: torch.Tensor, num_rows: int):
     """(rows, cols) of excluded (user, catalogue column) pairs; id 0 in exclude means none."""
-    if exclude.shape[0] != num_rows:
-        raise ValueError(f"exclude has {exclude.shape[0]} rows, expected {num_rows}")
+    if exclude.dim() != 2 or exclude.shape[0] != num_rows:
+        raise ValueError(f"exclude must be [{num_rows}, E] item ids, got shape {tuple(exclude.shape)}")
+    if exclude.is_floating_point() or exclude.dtype == torch.bool:
+        raise TypeError(f"exclude must hold integer item ids, got {exclude.dtype}")
+    if exclude.numel():
+        lo, hi = int(exclude.min()), int(exclude.max())
+        top = int(all_items.max())
+        if lo < 0 or hi > top:
+            raise ValueError(f"exclude contains item id {lo if lo < 0 else hi}, expected ids in "
+                             f"[0, {top}] (0 = none)")
     cols = catalogue_columns(all_items, exclude)
     rows = torch.arange(num_rows, device=all_items.device).unsqueeze(1).expand_as(cols)
     keep = cols >= 0
@@ -31,7 +39,9 @@ def score_catalogue(user: torch.Tensor, item_emb: torch.Tensor, all_items: torch
 
     With k, items are scored in blocks of `block_items` and a running top-k is kept, so
     peak memory is O(B * (block_items + k)) whatever the catalogue size.
-    `exclude` [B, E] holds item ids (0 = none) that get -inf (they rank last).
+    `exclude` [B, E] holds item ids (0 = none) that get -inf (they rank last). When
+    exclusions leave a user fewer than k items, the missing places hold item id 0 (the
+    padding id, no item) with score -inf.
     """
     all_items = all_items.to(item_emb.device)
     user = user.to(item_emb.dtype)
@@ -56,4 +66,6 @@ def score_catalogue(user: torch.Tensor, item_emb: torch.Tensor, all_items: torch
         cand_i = torch.cat([best_i, ids.expand(user.shape[0], -1)], dim=1)
         top = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
         best_s, best_i = top.values, cand_i.gather(1, top.indices)
+    if ex_rows is not None:
+        best_i = best_i.masked_fill(best_s == float("-inf"), 0)
     return best_s, best_i

@@ -142,3 +142,50 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("acf-fast: error:") and "f.h5" in err
+
+
+def test_cli_refuses_bad_numbers_with_the_option_and_value(tmp_path, capsys):
+    for argv, message in [
+            (["--threads", "-3", "train", "d", "o"], "argument --threads: must be an integer >= 1, got -3"),
+            (["train", "d", "o", "--max-steps", "0"], "argument --max-steps: must be an integer >= 1, got 0"),
+            (["train", "d", "o", "--val-rank-samples", "-1"], "argument --val-rank-samples: must be an integer >= 0"),
+            (["train", "d", "o", "--lr", "inf"], "argument --lr: must be a positive finite number, got inf"),
+            (["evaluate", "c", "d", "--memory-mb", "0"], "argument --memory-mb: must be a positive finite"),
+            (["prepare", "i", "f", "o", "--holdout-baskets", "0"], "argument --holdout-baskets: must be an integer >= 1"),
+            (["recommend", "c", "d", "-k", "x"], "argument -k: expected an integer, got 'x'")]:
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(argv)
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err, argv
+
+
+def test_empty_user_list_and_foreign_checkpoint(tmp_path, tiny):
+    root, _ = tiny
+    ckpt = root / "run" / "best.pt"
+    with pytest.raises(ValueError, match="names no user id"):
+        recommend(ckpt, root / "prep", users="")
+    other = tmp_path / "other"
+    s = synth(other / "data", n_users=20, n_items=40, n_concepts=4, feature_dim=8, images=False,
+              heavy_users=1, median_interactions=30, progress=False)
+    prepare(s["interactions"], s["features_h5"], other / "prep", n_train=100, n_validation=20,
+            progress=False)
+    with pytest.raises(ValueError, match="trained with 30 users but the dataset has 20: it belongs "
+                                         "to another dataset"):
+        recommend(ckpt, other / "prep", users=[1])
+
+
+def test_feature_rows_that_are_not_numbers_name_the_file_and_row(tmp_path):
+    from acf_fast.features import load_feature_table
+
+    arr = np.empty((3, 2), dtype=object)
+    for i in range(3):
+        arr[i] = [f"{i}.jpg", np.zeros((4, 7, 7), dtype=np.float32)]
+    arr[1, 1] = np.array([["hello"]], dtype=object)
+    np.save(tmp_path / "f.npy", arr, allow_pickle=True)
+    with pytest.raises(ValueError, match=r"f.npy: feature row 1 \(item id 2\) is not numeric"):
+        load_feature_table(tmp_path / "f.npy")
+    arr[1, 1] = np.zeros((5, 7, 7), dtype=np.float32)
+    np.save(tmp_path / "g.npy", arr, allow_pickle=True)
+    with pytest.raises(ValueError, match=r"g.npy: feature row 1 \(item id 2\): expected an array of "
+                                         r"shape \(4, 7, 7\) like row 0, got \(5, 7, 7\)"):
+        load_feature_table(tmp_path / "g.npy")

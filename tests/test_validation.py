@@ -93,3 +93,43 @@ def test_fused_backends_refuse_16bit_parameters(backend, dtype):
     with pytest.raises(ValueError, match=rf"{backend} backend needs float32 or float64 "
                                          rf"parameters .all the same., got \['{dtype}'\]"):
         call(m)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(model_dim=0), ValueError, "model_dim must be a positive integer, got 0"),
+    (dict(model_dim=8.9), TypeError, "model_dim must be an int, got float 8.9"),
+    (dict(users=5.5), TypeError, "users must be a count .int. or a list"),
+    (dict(users="5"), TypeError, "users must be a count"),
+    (dict(items=[0, 1.5]), TypeError, "items must hold integer ids"),
+    (dict(items=[-1, 3]), ValueError, "items contains a negative id"),
+    (dict(features=torch.zeros(0, 4, 6)), ValueError, "features has no items"),
+])
+def test_constructor_refuses_bad_arguments(kwargs, error, message):
+    args = dict(users=4, items=10, features=torch.randn(10, 4, 6), model_dim=8)
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        ACF(args.pop("users"), args.pop("items"), **args)
+
+
+def test_recommend_all_exclusions(model):
+    b = random_batch(model, batch=2, lengths=[2, 1])
+    everything = torch.arange(1, 11).expand(2, -1).clone()
+    everything[0, :3] = 0                      # user 0 keeps items 1..3, user 1 none
+    scores, items = model.recommend_all(b.user_ids, b.profile_ids, k=5, exclude=everything)
+    assert sorted(items[0, :3].tolist()) == [1, 2, 3] and torch.isfinite(scores[0, :3]).all()
+    assert (items[0, 3:] == 0).all() and (scores[0, 3:] == float("-inf")).all()
+    assert (items[1] == 0).all() and (scores[1] == float("-inf")).all()
+    for bad, message in [(torch.tensor([[11], [1]]), "exclude contains item id 11"),
+                         (torch.tensor([[-5], [1]]), "exclude contains item id -5"),
+                         (torch.tensor([1, 2]), "exclude must be \\[2, E\\]")]:
+        with pytest.raises(ValueError, match=message):
+            model.recommend_all(b.user_ids, b.profile_ids, k=3, exclude=bad)
+
+
+def test_recommend_all_refuses_a_diverged_model():
+    m = random_model(n_users=4, n_items=10, d=8, f=6, m=4)
+    with torch.no_grad():
+        m.user_model.user_embedding.weight[1, 0] = float("nan")
+    b = random_batch(m, batch=2, lengths=[2, 1])
+    with pytest.raises(ValueError, match="user vectors are not finite"):
+        m.recommend_all(torch.tensor([0, 1]), b.profile_ids)
