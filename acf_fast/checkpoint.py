@@ -81,7 +81,12 @@ def make_checkpoint(model, optimizer=None, epoch=0, loss=float("nan"), **extra) 
 
 
 def save_checkpoint(ckpt: dict, path) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename: never half-written."""
+    """Write to a temporary file in the same folder, fsync, then rename: never half-written.
+
+    Interrupted anywhere (an exception, a second Ctrl-C), the previous file at `path`
+    stays as it was and the temporary file is removed. The folder is fsynced after the
+    rename so that the new name also survives a power cut.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -94,4 +99,19 @@ def save_checkpoint(ckpt: dict, path) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
