@@ -46,6 +46,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _add_runtime(p):
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -98,14 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_count(1), default=10, help="total epochs (also with --resume)")
     p.add_argument("--batch-size", type=_count(1), default=128, help="triplets per step")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=1e-5, help="Adam weight decay")
     p.add_argument("--loss", default="warp", choices=["warp", "sigmoid", "bpr"],
                    help="pairwise loss (the tutorial's is WARP)")
     p.add_argument("--model-dim", type=_count(1), default=128, help="embedding size D")
     p.add_argument("--max-profile-size", type=_count(1), default=9,
                    help="profile items per triplet (the tutorial's 9)")
     p.add_argument("--seed", type=int, default=0, help="parameter init and batch order")
-    p.add_argument("--patience", type=int, default=3, help="early stopping (0 = off)")
+    p.add_argument("--patience", type=_count(0), default=3,
+                   help="epochs without improvement before stopping early (0 = never)")
     p.add_argument("--select-by", default="loss", choices=["loss", "auc"],
                    help="validation quantity that picks best.pt")
     p.add_argument("--val-rank-samples", type=_count(0), default=1000,
@@ -118,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_count(1), default=None,
                    help="stop after this many steps in all (default: no limit)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (default: refuse to touch it)")
     _add_runtime(p)
 
     p = sub.add_parser("evaluate", formatter_class=fmt, help="full-catalogue ranking metrics (tutorial + standard)")
@@ -208,7 +221,8 @@ def run(args) -> int:
                           seed=args.seed, patience=args.patience, select_by=args.select_by,
                           val_rank_samples=args.val_rank_samples, checkpoint_every=args.checkpoint_every,
                           backend=args.backend, device=args.device, feature_dtype=args.feature_dtype,
-                          max_steps=args.max_steps)
+                          max_steps=args.max_steps, overwrite=args.overwrite,
+                          num_threads=args.threads)
         s = train(cfg, resume=args.resume)
         if is_main():   # under torchrun, rank 0 speaks for all
             print(f"best epoch {s['best_epoch']}; checkpoints: {s['best_checkpoint']}, {s['last']}")

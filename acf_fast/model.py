@@ -238,10 +238,11 @@ class ACF(nn.Module):
         exclusions leave empty hold item id 0 with score -inf.
         """
         user, alpha, beta = self.user_vectors(user_ids, profile_ids, profile_mask, return_attentions)
-        if not torch.isfinite(user).all():
+        if not (torch.isfinite(user).all() & torch.isfinite(self.item_model.weight).all()):
             # NaN scores would rank as ties and give meaningless metrics downstream
-            raise ValueError("the model's user vectors are not finite (NaN/inf parameters, "
-                             "e.g. from a diverged training run); no ranking is possible")
+            raise ValueError("the model's user vectors or item embeddings are not finite "
+                             "(NaN/inf parameters, e.g. from a diverged training run); no "
+                             "ranking is possible")
         from .scoring import score_catalogue
 
         result = score_catalogue(user, self.item_model.weight, self.all_items, self.model_dim,

@@ -131,5 +131,10 @@ def test_recommend_all_refuses_a_diverged_model():
     with torch.no_grad():
         m.user_model.user_embedding.weight[1, 0] = float("nan")
     b = random_batch(m, batch=2, lengths=[2, 1])
-    with pytest.raises(ValueError, match="user vectors are not finite"):
+    with pytest.raises(ValueError, match="user vectors or item embeddings are not finite"):
         m.recommend_all(torch.tensor([0, 1]), b.profile_ids)
+    m = random_model(n_users=4, n_items=10, d=8, f=6, m=4)
+    with torch.no_grad():
+        m.item_model.weight[7, 2] = float("inf")
+    with pytest.raises(ValueError, match="item embeddings are not finite"):
+        m.recommend_all(torch.tensor([0, 1]), b.profile_ids, k=3)
