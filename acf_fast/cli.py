@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .data.synth import SynthConfig
@@ -269,6 +270,10 @@ def run(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not sys.stderr.isatty():
+        # progress bars redrawn ten times a second fill a log file with thousands of
+        # lines; in a log, one update every 30 s says as much (tqdm reads TQDM_* defaults)
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     if args.threads is not None:
         import torch
 
