@@ -6,10 +6,14 @@
    held out: `naive-user-evaluation.csv` gets one row per held-out basket
    (`timestamp,user_id,predict,profile`, profile = the last 10 training items).
 3. Every user gets ceil(total / n_users) triplets for train and likewise for
-   validation: pi uniform over the user's training items, the profile the up-to-10
-   training items ending at pi, ni uniform over items the user never consumed
-   (held-out items count as consumed). A (user, pi, ni) drawn twice, within or
-   across train and validation, is rejected and redrawn.
+   validation (so the totals can exceed the requested ones by up to n_users - 1):
+   pi uniform over the user's training items, the profile the up-to-10 training
+   items ending at pi, ni uniform over items the user never consumed (held-out
+   items count as consumed). A (user, pi, ni) drawn twice, within or across train
+   and validation, is rejected and redrawn. A user with fewer distinct (pi, ni)
+   pairs than that gets each of them once; a user whose quota is a large share of
+   their pairs gets a uniform random subset of them drawn directly, which is the
+   same distribution without the rejection sampler's long tail of repeats.
 All draws come from one `numpy.random.default_rng(seed)` (seed 0 by default) in a
 fixed order, so the files are reproducible.
 """
@@ -56,6 +60,8 @@ class Split:
 
 def split_baskets(inter: Interactions, n_items: int, holdout: int = HOLDOUT_BASKETS) -> Split:
     """Order each user's interactions by time, form baskets, hold out the last `holdout`."""
+    if holdout < 1:
+        raise ValueError(f"holdout_baskets must be an integer >= 1, got {holdout!r}")
     order = np.lexsort((inter.item, inter.timestamp, inter.user))  # ties in a basket: by item id
     user, item, time = inter.user[order], inter.item[order], inter.timestamp[order]
     n_users = inter.n_users
@@ -82,18 +88,68 @@ def split_baskets(inter: Interactions, n_items: int, holdout: int = HOLDOUT_BASK
                  eval_ptr=np.concatenate([[0], np.cumsum(eval_counts)]), eval_items=item[held])
 
 
+def _isin_sorted(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """keys in sorted_keys (sorted, int64), by binary search: O(len(keys) log n), no re-sort."""
+    if sorted_keys.size == 0:
+        return np.zeros(keys.shape, dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+    return sorted_keys[at] == keys
+
+
 def _draw_negatives(rng, users: np.ndarray, n_items: int, consumed_keys: np.ndarray) -> np.ndarray:
     """Uniform items the user never consumed, by rejection (consumed_keys = user*n_items+item, sorted)."""
     neg = rng.integers(0, n_items, size=users.size)
-    todo = np.flatnonzero(np.isin(users * n_items + neg, consumed_keys, assume_unique=False))
+    todo = np.flatnonzero(_isin_sorted(users * n_items + neg, consumed_keys))
     while todo.size:
         neg[todo] = rng.integers(0, n_items, size=todo.size)
-        todo = todo[np.isin(users[todo] * n_items + neg[todo], consumed_keys)]
+        todo = todo[_isin_sorted(users[todo] * n_items + neg[todo], consumed_keys)]
     return neg
+
+
+def _nth_free_item(users: np.ndarray, j: np.ndarray, split: Split, consumed_sorted: np.ndarray) -> np.ndarray:
+    """The j-th (0-based) item, in id order, that each user never consumed.
+
+    consumed_sorted: split.consumed_items sorted within each user. With the user's consumed items
+    c_0 < c_1 < ..., the j-th free item is j + #{i : c_i - i <= j}; c_i - i is non-decreasing, so
+    one global binary search over user * (n_items + 1) + (c_i - i) counts them for every draw.
+    """
+    base = np.int64(split.n_items + 1)
+    n_consumed = np.diff(split.consumed_ptr)
+    rank = np.arange(consumed_sorted.size) - np.repeat(split.consumed_ptr[:-1], n_consumed)
+    shifted = np.repeat(np.arange(split.n_users, dtype=np.int64), n_consumed) * base + (consumed_sorted - rank)
+    below = np.searchsorted(shifted, users * base + j, side="right") - split.consumed_ptr[users]
+    return j + below
+
+
+def _enumerate_user(rng, split: Split, u: int, want: int, n_free: int,
+                    consumed_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`want` distinct (pi position, ni) of user u, uniformly without replacement and in random order.
+
+    Rejection-sampling distinct uniform (pi, ni) pairs until `want` are found gives exactly this
+    distribution: a uniformly random ordered `want`-subset of the user's n_train x n_free pairs.
+    Drawing it directly costs O(want) (rng.choice) instead of a coupon-collector's tail, and a
+    user whose quota is all of their pairs gets every pair, each once.
+    """
+    n_train = int(split.train_ptr[u + 1] - split.train_ptr[u])
+    idx = rng.choice(n_train * n_free, size=want, replace=False)
+    users = np.full(want, u, dtype=np.int64)
+    pos = split.train_ptr[u] + idx // n_free
+    neg = _nth_free_item(users, idx % n_free, split, consumed_sorted)
+    return pos, neg
 
 
 def sample_triplets(split: Split, per_user: int, seed: int = 0, progress: bool = True):
     """Draw `per_user` distinct (user, pi, ni) per user (fewer if the user has fewer).
+
+    A user has n_train x n_free distinct triplets (n_train training items as pi, n_free items never
+    consumed as ni); one with fewer than `per_user` gets every one of them, once, in random order.
+    Users whose quota is at most half of their distinct triplets (the usual case: ten thousand
+    triplets among millions) are sampled all together as the protocol states: pi and ni uniform,
+    a (user, pi, ni) drawn before rejected and redrawn. The others (quota above half, or fewer
+    than a quarter of the catalogue left as negatives), where rejection would spend most draws on
+    repeats, get the same distribution drawn directly: a uniform random ordered subset of their
+    pairs. Both use one `numpy.random.default_rng(seed)` in a fixed order, so the result is
+    reproducible.
 
     Returns (user, pi_pos, ni) in draw order grouped by user, where pi_pos indexes
     split.train_items (so the profile window is known without searching).
@@ -101,7 +157,8 @@ def sample_triplets(split: Split, per_user: int, seed: int = 0, progress: bool =
     rng = np.random.default_rng(seed)
     n_train = np.diff(split.train_ptr)
     n_consumed = np.diff(split.consumed_ptr)
-    capacity = n_train * np.maximum(split.n_items - n_consumed, 0)
+    n_free = np.maximum(split.n_items - n_consumed, 0)
+    capacity = n_train * n_free
     want = np.minimum(per_user, capacity)
     short = np.flatnonzero(want < per_user)
     if short.size and np.any(n_train[short] > 0):
@@ -109,16 +166,18 @@ def sample_triplets(split: Split, per_user: int, seed: int = 0, progress: bool =
         print(f"acf_fast prepare: {short.size} user(s) allow fewer than {per_user} distinct "
               f"triplets (e.g. user {u}: at most {capacity[u]}); they get what exists",
               file=sys.stderr)
+    direct = (want > 0) & ((2 * want > capacity) | (4 * n_free < split.n_items))
+    want_rejection = np.where(direct, 0, want)
     consumed_user = np.repeat(np.arange(split.n_users), n_consumed)
     consumed_keys = np.sort(consumed_user * split.n_items + split.consumed_items)
     key_base = np.int64(split.n_items)
 
     users_all, pos_all, neg_all = [], [], []
-    seen = np.zeros(0, dtype=np.int64)
+    seen = np.zeros(0, dtype=np.int64)                         # sorted keys drawn so far
     have = np.zeros(split.n_users, dtype=np.int64)
     bar = tqdm(total=int(want.sum()), desc="sampling triplets", unit="trip", disable=not progress)
     for _ in range(MAX_ROUNDS):
-        deficit = want - have
+        deficit = want_rejection - have
         if not deficit.any():
             break
         u = np.repeat(np.arange(split.n_users), deficit)
@@ -128,14 +187,25 @@ def sample_triplets(split: Split, per_user: int, seed: int = 0, progress: bool =
         _, first = np.unique(key, return_index=True)
         fresh = np.zeros(u.size, dtype=bool)
         fresh[first] = True                                    # first draw of a repeated key
-        fresh &= ~np.isin(key, seen)                           # and never drawn before
-        seen = np.union1d(seen, key[fresh])
+        fresh &= ~_isin_sorted(key, seen)                      # and never drawn before
+        new = np.sort(key[fresh])
+        seen = np.insert(seen, np.searchsorted(seen, new), new)
         users_all.append(u[fresh]), pos_all.append(pos[fresh]), neg_all.append(neg[fresh])
         have += np.bincount(u[fresh], minlength=split.n_users)
         bar.update(int(fresh.sum()))
-    else:
+    else:   # each draw is new with probability >= 1/2 here, so this takes a few dozen rounds
         raise RuntimeError(f"triplet sampling did not finish in {MAX_ROUNDS} rounds")
+    del seen
+    if direct.any():
+        order = np.lexsort((split.consumed_items, np.repeat(np.arange(split.n_users), n_consumed)))
+        consumed_sorted = split.consumed_items[order].astype(np.int64)
+        for u in np.flatnonzero(direct).tolist():
+            pos, neg = _enumerate_user(rng, split, u, int(want[u]), int(n_free[u]), consumed_sorted)
+            users_all.append(np.full(pos.size, u, dtype=np.int64)), pos_all.append(pos), neg_all.append(neg)
+            bar.update(pos.size)
     bar.close()
+    if not users_all:
+        return (np.zeros(0, dtype=np.int64),) * 3
     u, pos, neg = (np.concatenate(x) for x in (users_all, pos_all, neg_all))
     order = np.argsort(u, kind="stable")                       # grouped by user, draw order kept
     return u[order], pos[order], neg[order]
@@ -196,11 +266,22 @@ def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_valida
 
     `features` (the tutorial's .npy or .h5) fixes the catalogue size N and is converted
     to the feature cache; interactions naming an item id >= N are refused.
+
+    Triplet counts (SPEC.md, the tutorial's protocol): every user gets ceil(n_train / n_users)
+    training and ceil(n_validation / n_users) validation triplets, so the totals are those
+    per-user counts times the number of users and can exceed n_train / n_validation (n_train=2000
+    over 30 users gives 67 each, 2,010 in all). A user with fewer distinct (pi, ni) pairs than
+    both counts together gets every pair once, training first, so the totals can also be
+    smaller; the manifest records the counts written.
+    `holdout_baskets` (>= 1): users with more baskets than this have their last
+    `holdout_baskets` baskets held out for evaluation.
     Returns the manifest (also saved as dataset.json).
     """
     out = Path(out_dir)
-    if n_train < 1 or n_validation < 0:
-        raise ValueError(f"n_train must be >= 1 and n_validation >= 0, got {n_train}, {n_validation}")
+    for name, value, low in (("n_train", n_train, 1), ("n_validation", n_validation, 0),
+                             ("holdout_baskets", holdout_baskets, 1), ("seed", seed, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     features = Path(features)
     if not features.exists():
         raise FileNotFoundError(f"feature file not found: {features}")

@@ -25,6 +25,7 @@ The planted structure, and why it is shaped this way:
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -184,6 +185,37 @@ def write_features(out: Path, names, feats: np.ndarray) -> tuple[Path, Path]:
     return npy, h5
 
 
+def _check(name: str, value, ok: bool, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {valid}, got {value!r}")
+
+
+def _validate(cfg: SynthConfig) -> None:
+    """Refuse out-of-range settings up front, naming the setting, its value and the valid range
+    (instead of a numpy error from deep inside the generator)."""
+    def real(v):
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+    def integer(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    for name in ("n_users", "n_items", "n_concepts", "feature_dim", "concepts_per_user",
+                 "max_interactions", "n_textures", "image_cell_px"):
+        v = getattr(cfg, name)
+        _check(name, v, integer(v) and v >= 1, "an integer >= 1")
+    for name in ("heavy_users", "seed"):
+        v = getattr(cfg, name)
+        _check(name, v, integer(v) and v >= 0, "an integer >= 0")
+    v = cfg.median_interactions
+    _check("median_interactions", v, real(v) and 0 < v < math.inf, "a finite number > 0")
+    for name in ("activity_sigma", "popularity_exponent", "concept_strength"):
+        v = getattr(cfg, name)
+        _check(name, v, real(v) and 0 <= v < math.inf, "a finite number >= 0")
+    for name in ("noise_rate", "heavy_fraction"):
+        v = getattr(cfg, name)
+        _check(name, v, real(v) and 0 <= v <= 1, "in [0, 1]")
+
+
 def synth(out_dir, config: SynthConfig | None = None, progress: bool = True, **overrides) -> dict:
     """Generate the dataset into out_dir; returns a summary (paths and statistics)."""
     cfg = config or SynthConfig()
@@ -191,9 +223,7 @@ def synth(out_dir, config: SynthConfig | None = None, progress: bool = True, **o
         if not hasattr(cfg, key):
             raise ValueError(f"unknown synth option {key!r}; expected one of {list(asdict(cfg))}")
         setattr(cfg, key, value)
-    for name in ("n_users", "n_items", "n_concepts", "feature_dim"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    _validate(cfg)
     if cfg.concepts_per_user > cfg.n_concepts or cfg.n_concepts < 3:
         raise ValueError(f"need n_concepts >= max(3, concepts_per_user); got n_concepts={cfg.n_concepts}, "
                          f"concepts_per_user={cfg.concepts_per_user}")
