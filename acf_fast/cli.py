@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from .data.synth import SynthConfig
@@ -226,7 +225,12 @@ def run(args) -> int:
                           num_threads=args.threads)
         s = train(cfg, resume=args.resume)
         if is_main():   # under torchrun, rank 0 speaks for all
-            print(f"best epoch {s['best_epoch']}; checkpoints: {s['best_checkpoint']}, {s['last']}")
+            from pathlib import Path
+
+            written = [p for p in (s["best_checkpoint"], s["last"]) if Path(p).exists()]
+            best = (f"best epoch {s['best_epoch']}" if s["best_epoch"] >= 0
+                    else "no epoch finished yet, so no best.pt")
+            print(f"{best}; checkpoints: {', '.join(written) or 'none'}")
     elif cmd == "evaluate":
         from .evaluate import evaluate
 
@@ -270,10 +274,6 @@ def run(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not sys.stderr.isatty():
-        # progress bars redrawn ten times a second fill a log file with thousands of
-        # lines; in a log, one update every 30 s says as much (tqdm reads TQDM_* defaults)
-        os.environ.setdefault("TQDM_MININTERVAL", "30")
     if args.threads is not None:
         import torch
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import bar as tqdm
 
 from . import distributed
 from .data.formats import EvaluationGroups, profiles_to_matrix, read_evaluation

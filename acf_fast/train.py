@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import bar as tqdm
 
 from . import distributed
 from .checkpoint import make_checkpoint, read_checkpoint
@@ -442,6 +442,8 @@ class Trainer:
                 while st.step < steps:
                     self._poll_signal(bar, steps)             # a step boundary
                     if cfg.max_steps is not None and st.global_step >= cfg.max_steps:
+                        if st.step:   # mid-epoch: keep the work, resumable like an interrupt
+                            self.save(LAST)
                         return self.summary()
                     idx = perm[st.step * bs:(st.step + 1) * bs]
                     self.optimizer.zero_grad(set_to_none=True)
@@ -460,9 +462,12 @@ class Trainer:
                     st.step += 1
                     st.global_step += 1
                     seen += idx.numel()
-                    bar.update()
+                    # postfix first and without its own redraw: update() redraws at the
+                    # bar's pace (see acf_fast.progress), not at every step
                     bar.set_postfix(loss=f"{st.loss_sum / st.step:.4f}",
-                                    trip_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
+                                    trip_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}",
+                                    refresh=False)
+                    bar.update()
                     if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0 and st.step < steps:
                         self.save(LAST)
                 self._poll_signal(bar, steps)                 # all batches done, before validation

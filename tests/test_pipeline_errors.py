@@ -189,3 +189,14 @@ def test_feature_rows_that_are_not_numbers_name_the_file_and_row(tmp_path):
     with pytest.raises(ValueError, match=r"g.npy: feature row 1 \(item id 2\): expected an array of "
                                          r"shape \(4, 7, 7\) like row 0, got \(5, 7, 7\)"):
         load_feature_table(tmp_path / "g.npy")
+
+
+def test_max_steps_mid_epoch_keeps_a_resumable_last_checkpoint(tmp_path, tiny, capsys):
+    root, _ = tiny
+    out = tmp_path / "run"
+    rc = cli_main(["train", str(root / "prep"), str(out), "--model-dim", "8", "--max-steps", "2",
+                   "--backend", "reference"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "no epoch finished yet, so no best.pt; checkpoints: " + str(out / "last.pt") in printed
+    assert (out / "last.pt").exists() and not (out / "best.pt").exists()

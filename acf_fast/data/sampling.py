@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import bar as tqdm
 
 from .formats import Interactions, join_ids, read_interactions, write_csv_atomic
 from .history import UserHistory
