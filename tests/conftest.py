@@ -1,4 +1,5 @@
-"""Test-wide settings: a derandomized hypothesis profile for CI, seeds, thread count."""
+"""Test-wide settings: a derandomized hypothesis profile for CI, seeds, thread count, no
+backend override from the environment, and ACF_FAST_REQUIRE_BACKENDS."""
 
 import os
 
@@ -16,6 +17,64 @@ settings.register_profile("explore", deadline=None, max_examples=300,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.manual_seed(0)
+
+# ACF_FAST_BACKEND overrides every explicit backend= (acf_fast.backend.resolve): left in
+# the environment, a "cpu against reference" test would compare one backend with itself.
+BACKEND_OVERRIDE = "ACF_FAST_BACKEND"
+
+# ACF_FAST_REQUIRE_BACKENDS=1 (set by `make test`): the fused backends' tests must run.
+# A missing or stale native extension, or a missing triton, fails the session instead of
+# silently skipping the cpu and triton tests.
+REQUIRE_BACKENDS = "ACF_FAST_REQUIRE_BACKENDS"
+
+
+def backends_required() -> bool:
+    return os.environ.get(REQUIRE_BACKENDS, "0") not in ("", "0")
+
+
+def missing_backends() -> list[str]:
+    """Why a fused backend's tests would skip here (empty when both can run)."""
+    from acf_fast import _ext
+
+    problems = []
+    ops, reason = _ext._load()
+    if ops is None:
+        problems.append(reason)
+    else:  # ACF_FAST_ALLOW_STALE loads a stale build; a required backend must be current
+        built, expected = ops.source_hash(), _ext._checkout_source_hash()
+        if expected is not None and built != expected:
+            problems.append(f"the native extension acf_fast._C is stale (built from csrc/ "
+                            f"{built}, sources now {expected}); ACF_FAST_ALLOW_STALE is set")
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # what makes pytest.importorskip("triton") skip
+        problems.append(f"triton does not import ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def pytest_sessionstart(session):
+    if not backends_required():
+        return
+    problems = missing_backends()
+    if problems:
+        pytest.exit(f"{REQUIRE_BACKENDS} is set, but the fused backends' tests would skip: "
+                    + "; ".join(problems) + " (make build)", returncode=1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_backend_override_in_session():
+    """Also for module- and session-scoped fixtures, which run before the per-test one."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(BACKEND_OVERRIDE, raising=False)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_override(monkeypatch):
+    """Every test starts without ACF_FAST_BACKEND; a test that means to use it sets it
+    itself (monkeypatch.setenv in the test, or a subprocess's env=), which this cannot
+    undo since it runs first."""
+    monkeypatch.delenv(BACKEND_OVERRIDE, raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ def run(model, batch):
 
 
 def assert_same(ref, cpu, batch, dtype, grad_scale=1.0):
+    assert ref.resolved_backend() == "reference" and cpu.resolved_backend() == "cpu"
     out_r, grad_r = run(ref, batch)
     out_c, grad_c = run(cpu, batch)
     for k in out_r:
@@ -78,6 +79,7 @@ def test_auto_picks_cpu_backend():
 def test_recommend_all_matches_reference():
     ref = random_model(n_users=9, n_items=50, m=5, f=20, d=12)
     cpu = same_model(ref, "cpu")
+    assert ref.resolved_backend() == "reference" and cpu.resolved_backend() == "cpu"
     batch = random_batch(ref, batch=9, seed=8)
     s_r, a_r, b_r = ref.recommend_all(batch.user_ids, batch.profile_ids, return_attentions=True)
     s_c, a_c, b_c = cpu.recommend_all(batch.user_ids, batch.profile_ids, return_attentions=True)
@@ -118,6 +120,8 @@ def test_16bit_features_error_bounded_by_reference(feature_dtype, bf16_gemm, mon
     exact = random_model(**kw, dtype=torch.float64)
     ref16 = random_model(**kw, feature_dtype=feature_dtype)
     cpu16 = same_model(ref16, "cpu")
+    assert exact.resolved_backend() == ref16.resolved_backend() == "reference"
+    assert cpu16.resolved_backend() == "cpu"
     batch = random_batch(exact, batch=16, seed=13)
     out64, grads64 = run(exact, batch)
     err_ref = _errors(*run(ref16, batch), out64, grads64)
@@ -165,6 +169,7 @@ def test_thread_counts_agree():
     (W_red's gradient included) agree bit for bit; the Linear weight gradients that ATen's
     GEMMs reduce over the batch (MKL splits them by thread count) to float32 rounding."""
     ref = random_model(n_users=20, n_items=60, m=49, f=128, d=24)
+    assert same_model(ref, "cpu").resolved_backend() == "cpu"
     batch = random_batch(ref, batch=32, seed=14)
     o1, g1 = _with_threads(1, lambda: run(same_model(ref, "cpu"), batch))
     o2, g2 = _with_threads(2, lambda: run(same_model(ref, "cpu"), batch))
@@ -179,11 +184,29 @@ def test_thread_counts_agree():
 
 
 def test_compiles():
-    """The custom ops trace under torch.compile (fake kernels) and give the eager numbers.
+    """The custom ops trace under torch.compile (fake kernels) and give the eager numbers:
+    scores, and the gradient of every parameter through the ops' registered backwards.
     (A bf16 table's fake kernel is covered by test_cpu_ops' opcheck.)"""
     model = random_model(n_users=6, n_items=20, m=5, f=16, d=8, backend="cpu")
+    assert model.resolved_backend() == "cpu"
     batch = random_batch(model, batch=5, seed=15)
-    eager = model(*batch)
-    compiled = torch.compile(model, fullgraph=False)(*batch)
+    cot = torch.linspace(-1.0, 2.0, 2 * batch.user_ids.numel()).view(2, -1)
+
+    def scores_and_grads(fn):
+        model.zero_grad(set_to_none=True)
+        pos, neg = fn(*batch)
+        ((pos * cot[0]).sum() + (neg * cot[1]).sum()).backward()
+        return (pos.detach(), neg.detach()), {n: p.grad for n, p in model.named_parameters()}
+
+    eager, eager_grads = scores_and_grads(model)
+    compiled, compiled_grads = scores_and_grads(torch.compile(model, fullgraph=False))
     for x, y in zip(compiled, eager):
         torch.testing.assert_close(x, y)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, g in eager_grads.items():
+        if g is None:  # w_v: never used
+            assert compiled_grads[name] is None, name
+            continue
+        assert compiled_grads[name] is not None, name
+        torch.testing.assert_close(compiled_grads[name], g, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"grad {name}: {m}")

@@ -81,6 +81,7 @@ def test_backend_gradcheck_every_parameter():
     """float64 gradcheck of the whole cpu backend over every parameter (profiles with
     padding, an empty one, a single item and duplicates)."""
     model = random_model(n_users=4, n_items=6, m=3, f=5, d=4, backend="cpu", dtype=torch.float64)
+    assert model.resolved_backend() == "cpu"
     batch = random_batch(model, batch=4, seed=2, lengths=[3, 0, 1, 4], duplicates=True)
     # w_v is never used (SPEC); leaving it out halves the time
     named = [(n, p) for n, p in model.named_parameters() if ".w_v." not in n]
@@ -114,11 +115,51 @@ def test_opcheck_attention(dtype):
     torch.library.opcheck(torch.ops.acf_fast.acf_attention.default, args)
 
 
-@pytest.mark.parametrize("table_dtype,bf16_gemm", [(torch.float32, False), (torch.bfloat16, False),
-                                                   (torch.bfloat16, True)])
-def test_opcheck_reduce_items(table_dtype, bf16_gemm):
-    table = torch.randn(9, 3, 8).to(table_dtype)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_attention_backward(dtype):
+    """The backward op on its own (schema, fake kernel, dispatch), on what forward saves."""
+    inputs = attention_inputs(dtype)
+    xy, uc, ut, pp, prof, slot_item, w2, c2, w1, c1 = inputs
+    user, alpha, beta = cpu_ops.acf_attention(*inputs)
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(t.shape, generator=g, dtype=dtype) for t in (user, alpha, beta)]
+    torch.library.opcheck(torch.ops.acf_fast.acf_attention_backward.default,
+                          (*grads, xy, uc, ut, pp, prof, slot_item, w2, w1, alpha, beta))
+
+
+# (table dtype, weight dtype, bf16_gemm): every table dtype under float32 and float64
+# weights (float64 models keep a 16-bit table 16-bit); bf16_gemm only changes the bf16
+# table with float32 weights, and is ignored (but accepted) elsewhere
+REDUCE_DTYPES = [(torch.float32, torch.float32, False), (torch.float16, torch.float32, False),
+                 (torch.bfloat16, torch.float32, False), (torch.bfloat16, torch.float32, True),
+                 (torch.float64, torch.float64, False), (torch.float32, torch.float64, False),
+                 (torch.float16, torch.float64, False), (torch.bfloat16, torch.float64, True)]
+REDUCE_IDS = [f"{str(t).split('.')[1]}-{str(w).split('.')[1]}{'-gemm' if gemm else ''}"
+              for t, w, gemm in REDUCE_DTYPES]
+
+
+def reduce_inputs(table_dtype, weight_dtype, requires_grad):
+    g = torch.Generator().manual_seed(4)
+    table = torch.randn(9, 3, 8, generator=g).to(table_dtype)
     items = torch.tensor([2, 5, 8])
-    w = torch.randn(4, 8, requires_grad=True)
-    b = torch.randn(4, requires_grad=True)
+    w = torch.randn(4, 8, generator=g, dtype=weight_dtype, requires_grad=requires_grad)
+    b = torch.randn(4, generator=g, dtype=weight_dtype, requires_grad=requires_grad)
+    return table, items, w, b
+
+
+@pytest.mark.parametrize("table_dtype,weight_dtype,bf16_gemm", REDUCE_DTYPES, ids=REDUCE_IDS)
+def test_opcheck_reduce_items(table_dtype, weight_dtype, bf16_gemm):
+    table, items, w, b = reduce_inputs(table_dtype, weight_dtype, requires_grad=True)
+    out = torch.ops.acf_fast.reduce_items(table, items, w, b, bf16_gemm)
+    assert out.dtype == weight_dtype
     torch.library.opcheck(torch.ops.acf_fast.reduce_items.default, (table, items, w, b, bf16_gemm))
+
+
+@pytest.mark.parametrize("table_dtype,weight_dtype,bf16_gemm", REDUCE_DTYPES, ids=REDUCE_IDS)
+def test_opcheck_reduce_items_backward(table_dtype, weight_dtype, bf16_gemm):
+    table, items, w, _ = reduce_inputs(table_dtype, weight_dtype, requires_grad=False)
+    grad = torch.randn(3, 3, 4, generator=torch.Generator().manual_seed(5), dtype=weight_dtype)
+    dw, db = torch.ops.acf_fast.reduce_items_backward(grad, table, items, w, bf16_gemm)
+    assert dw.dtype == db.dtype == weight_dtype
+    torch.library.opcheck(torch.ops.acf_fast.reduce_items_backward.default,
+                          (grad, table, items, w, bf16_gemm))

@@ -11,8 +11,8 @@ import torch
 from acf_fast import _ext, reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_ext = pytest.mark.skipif(_ext.load(required=False) is None,
-                               reason="native extension not built (make build)")
+built = _ext.load(required=False) is not None
+needs_ext = pytest.mark.skipif(not built, reason="native extension not built (make build)")
 
 
 @needs_ext
@@ -37,12 +37,16 @@ def test_op_errors_are_clear():
 
 def test_stale_or_missing_extension_says_how_to_build(monkeypatch):
     monkeypatch.setattr(_ext, "_checkout_source_hash", lambda: "0000000000000000")
+    monkeypatch.delenv("ACF_FAST_ALLOW_STALE", raising=False)  # the escape hatch: below
     _ext._load.cache_clear()
     try:
-        if _ext.load(required=False) is not None:
-            pytest.skip("ACF_FAST_ALLOW_STALE is set")
+        assert _ext.load(required=False) is None
         with pytest.raises(_ext.ExtensionError, match="make build"):
             _ext.load()
+        if built:  # ACF_FAST_ALLOW_STALE=1 loads a stale build anyway
+            monkeypatch.setenv("ACF_FAST_ALLOW_STALE", "1")
+            _ext._load.cache_clear()
+            assert _ext.load(required=False) is not None
     finally:
         monkeypatch.undo()
         _ext._load.cache_clear()

@@ -49,15 +49,16 @@ def test_resume_mid_epoch_gives_identical_losses(prepared, tmp_path):
     assert len(losses) == 10                                  # 2 epochs x 5 batches of 128
 
     cut = Trainer(config(prepared, tmp_path / "cut", max_steps=7))
-    cut.fit()                                                 # stops after 7 steps; last.pt is from step 6
-    ckpt = read_checkpoint(tmp_path / "cut" / LAST)
-    assert ckpt["train_state"]["global_step"] == 6 and ckpt["train_state"]["step"] == 1
+    cut.fit()                                                 # stops mid-epoch after 7 steps
+    ckpt = read_checkpoint(tmp_path / "cut" / LAST)           # and saves them (not only step 6's)
+    assert ckpt["train_state"]["global_step"] == 7 and ckpt["train_state"]["step"] == 2
+    assert not ckpt["train_state"]["finished"]
     assert cut.step_losses == losses[:7]
 
     resumed = Trainer(config(prepared, tmp_path / "cut"))
     assert resumed.resume()
     resumed.fit()
-    assert resumed.step_losses == losses[6:]                  # bit-identical, not approximately
+    assert resumed.step_losses == losses[7:]                  # bit-identical, not approximately
     assert resumed.state.history == full.state.history
     a = read_checkpoint(tmp_path / "full" / LAST)["state_dict"]
     b = read_checkpoint(tmp_path / "cut" / LAST)["state_dict"]
@@ -95,35 +96,50 @@ def _train_cmd(root, out, epochs):
             "--backend", "reference", "--val-rank-samples", "32", "--batch-size", "32"]
 
 
+def _train(cmd, env, what):
+    """Run a training command to the end; a failure shows its stderr."""
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"{what} exited with {res.returncode}:\n{res.stderr[-4000:]}"
+
+
 def test_sigkill_then_resume_matches_uninterrupted_run(prepared, tmp_path):
     """A real process killed with SIGKILL mid-epoch, resumed from last.pt, ends bit-identical."""
     env = dict(os.environ, ACF_FAST_BACKEND="reference", OMP_NUM_THREADS="1")
     epochs = 2
-    subprocess.run(_train_cmd(prepared, tmp_path / "full", epochs), check=True, env=env,
-                   capture_output=True, timeout=300)
+    _train(_train_cmd(prepared, tmp_path / "full", epochs), env, "the uninterrupted run")
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(prepared, out, epochs), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed.stderr"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(_train_cmd(prepared, out, epochs), env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
     killed_at = None
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (out / LAST).exists():
-            try:
-                st = read_checkpoint(out / LAST)["train_state"]
-            except ValueError:
-                st = None                       # cannot happen with atomic writes; retry anyway
-            if st and st["global_step"] >= 6 and st["step"] > 0 and not st["finished"]:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                killed_at = st["global_step"]
-                break
-        time.sleep(0.002)
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (out / LAST).exists():
+                try:
+                    st = read_checkpoint(out / LAST)["train_state"]
+                except ValueError:
+                    st = None                   # cannot happen with atomic writes; retry anyway
+                if st and st["global_step"] >= 6 and st["step"] > 0 and not st["finished"]:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    killed_at = st["global_step"]
+                    break
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if killed_at is None:
-        proc.kill()
-        pytest.skip("training finished before it could be killed (machine too fast for this check)")
-    subprocess.run(_train_cmd(prepared, out, epochs) + ["--resume"], check=True, env=env,
-                   capture_output=True, timeout=300)
+        stderr = log.read_text(errors="replace")[-4000:]
+        if proc.returncode == 0:
+            pytest.skip("training finished before it could be killed (machine too fast for this check)")
+        if proc.returncode == -signal.SIGKILL and time.time() >= deadline:
+            pytest.fail(f"training reached no mid-epoch checkpoint past step 6 in 240 s:\n{stderr}")
+        pytest.fail(f"training exited with {proc.returncode} before it could be killed:\n{stderr}")
+    _train(_train_cmd(prepared, out, epochs) + ["--resume"], env, "the resumed run")
     a = read_checkpoint(tmp_path / "full" / LAST)
     b = read_checkpoint(out / LAST)
     assert b["train_state"]["global_step"] == a["train_state"]["global_step"]

@@ -5,6 +5,8 @@ really execute, in numpy). Shapes are small because the interpreter runs every
 program instance one after another.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,10 @@ pytest.importorskip("triton")
 from acf_fast.backend import triton_interpreter_on  # noqa: E402
 
 if not (torch.cuda.is_available() or triton_interpreter_on()):
+    # conftest.py: with ACF_FAST_REQUIRE_BACKENDS set, the Triton tests must run
+    if os.environ.get("ACF_FAST_REQUIRE_BACKENDS", "0") not in ("", "0"):
+        pytest.fail("ACF_FAST_REQUIRE_BACKENDS is set but the Triton tests cannot run: "
+                    "no CUDA device and TRITON_INTERPRET is not 1", pytrace=False)
     pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 
 from acf_fast import ACF  # noqa: E402
@@ -145,12 +151,12 @@ def test_16bit_feature_table_error_bounded_by_reference(feature_dtype):
     The reference widens the rounded 16-bit rows to fp32: its error is the table's
     rounding. On sm_80+ GPUs the Triton reduction also rounds W_red to the table's dtype
     (forward) and dL/dR to bf16 (W_red's gradient), each with fp32 accumulation: up to
-    three roundings of bf16 size instead of one. The CPU backend's bf16 GEMM, which
-    rounds the same three operands, measured up to ~4x the reference's error
-    (tests/test_cpu_backend.py); bound 6x the bf16-table reference's error (the gradient
-    GEMM runs in bf16 for fp16 tables too). Under the interpreter the 16-bit rows are
-    widened to fp32 before the dot (bf16 tl.dot is wrong there), so the bound holds
-    with room to spare; on a GPU this is the tensor-core path's check."""
+    three roundings instead of one. The CPU backend's bf16 GEMM, which rounds the same
+    three operands, measured up to ~4x the reference's error (tests/test_cpu_backend.py);
+    bound 6x the error of the reference with a table of the same 16-bit dtype. Under the
+    interpreter the 16-bit rows are widened to fp32 before the dot (bf16 tl.dot is wrong
+    there), so the bound holds with room to spare; on a GPU this is the tensor-core
+    path's check."""
     from acf_fast.testing import random_features
 
     feats = random_features(12, 7, 64, seed=11)
@@ -160,14 +166,16 @@ def test_16bit_feature_table_error_bounded_by_reference(feature_dtype):
     weights = loss_weights(batch, 32, torch.float64)
     out64, grads64 = run(exact, batch, weights)
     w32 = [t.float() for t in weights]
-    ref_bf16 = random_model(**kw, feature_dtype=torch.bfloat16).to(DEVICE)
-    err_ref = _errors(*run(ref_bf16, batch, w32), out64, grads64)
     ref16 = random_model(**kw, feature_dtype=feature_dtype).to(DEVICE)
     tri16 = same_model(ref16, "triton")
-    assert tri16.feature_table.dtype == feature_dtype
+    assert ref16.feature_table.dtype == tri16.feature_table.dtype == feature_dtype
+    assert exact.resolved_backend() == ref16.resolved_backend() == "reference"
+    assert tri16.resolved_backend() == "triton"
+    err_ref = _errors(*run(ref16, batch, w32), out64, grads64)
     err_tri = _errors(*run(tri16, batch, w32), out64, grads64)
     for k, e in err_tri.items():
-        assert e <= 6.0 * err_ref[k] + 1e-5, f"{k}: triton {e:.2e} vs bf16 reference {err_ref[k]:.2e}"
+        assert e <= 6.0 * err_ref[k] + 1e-5, \
+            f"{k}: triton {e:.2e} vs {feature_dtype} reference {err_ref[k]:.2e}"
 
 
 def test_host_table_is_compacted_to_the_batch_items(monkeypatch):
@@ -176,6 +184,7 @@ def test_host_table_is_compacted_to_the_batch_items(monkeypatch):
     table: same outputs and gradients, bit for bit. Here both live on the CPU (the
     interpreter), so the device test is forced."""
     _, tri = twins(n_users=5, n_items=9, m=5, f=24, d=16)
+    assert tri.resolved_backend() == "triton"
     batch = random_batch(tri, batch=5, max_profile=6, seed=14, lengths=[6, 0, 3, 1, 5],
                          duplicates=True)
     weights = loss_weights(batch, 16, torch.float32)
@@ -236,6 +245,7 @@ def test_attentions_zero_on_padding_and_sum_to_one():
 
 def test_deterministic_mode_matches_and_repeats(monkeypatch):
     ref, tri = twins(n_users=4, n_items=5, m=3, f=8, d=16)
+    assert tri.resolved_backend() == "triton"
     batch = random_batch(ref, batch=3, seed=9, lengths=[3, 2, 3], duplicates=True)
     weights = loss_weights(batch, 16, torch.float32)
     _, fast = run(tri, batch, weights)
@@ -264,6 +274,7 @@ def test_scores_flow_into_training():
 
     (SGD, not Adam: Adam turns rounding noise in a near-zero gradient into a full step.)"""
     ref, tri = twins(n_users=4, n_items=6, m=4, f=8, d=16)
+    assert ref.resolved_backend() == "reference" and tri.resolved_backend() == "triton"
     batch = random_batch(ref, batch=5, seed=10)
     losses = []
     for model in (ref, tri):
