@@ -4,7 +4,7 @@ For user i and profile slot l holding distinct item s (slot_item = -1 for paddin
 
     h_lm    = relu(xr[s, m] + uu_i)          xr = r W2x^T + b2x  (per distinct item)
     e_lm    = w2 . h_lm + c2                 uu = u W2u^T + b2u  (per user)
-    beta_l  = softmax_m(e_l)                 lse_l = logsumexp_m(e_l) is saved
+    beta_l  = softmax_m(e_l)
     xbar_l  = sum_m beta_lm r[s, m]          (0 on padded slots)
 
 The two small projections xr and uu are cuBLAS matmuls done by the host (they are
@@ -13,10 +13,11 @@ per distinct item / per user, not per (user, slot, component)); everything per
 activations are never written to global memory, in either direction.
 
 Kernels:
-- `_component_fwd_kernel`        one program per (user, slot): e, softmax, xbar, lse
+- `_component_fwd_kernel`        one program per (user, slot): e, softmax, xbar
   (and beta when attentions are asked for).
-- `_component_bwd_slot_kernel`   one program per (user, slot): recomputes e and beta
-  from lse (flash-attention style) and writes the per-slot beta, de ([B*P, M]) and
+- `_component_bwd_slot_kernel`   one program per (user, slot): recomputes e and its
+  softmax beta (flash-attention style: nothing per component is saved) and writes the
+  per-slot beta, de ([B*P, M]) and
   the per-slot partial gradients of uu and w2 ([B*P, H]).
 - `_component_bwd_item_kernel`   one program per (distinct item, column block):
   walks the slots that hold that item (a CSR list sorted by item) and sums their
@@ -57,7 +58,7 @@ def _component_logits(xr_item_ptr, uu_row_ptr, w2_ptr, c2_ptr, row_ok, offs_m, m
 @triton.jit
 def _component_fwd_kernel(
     r_ptr, xr_ptr, uu_ptr, w2_ptr, c2_ptr, slot_item_ptr,
-    xbar_ptr, lse_ptr, beta_ptr,
+    xbar_ptr, beta_ptr,
     P, M, D,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STORE_BETA: tl.constexpr,
 ):
@@ -78,7 +79,6 @@ def _component_fwd_kernel(
     p = tl.exp(e - e_max)
     denom = tl.sum(p, axis=0)
     beta = tl.where(valid, p / denom, 0.0)
-    tl.store(lse_ptr + slot, tl.where(valid, e_max + tl.log(denom), 0.0))
     if STORE_BETA:
         tl.store(beta_ptr + slot * M + offs_m, beta, mask=m_ok)
 
@@ -92,7 +92,7 @@ def _component_fwd_kernel(
 
 @triton.jit
 def _component_bwd_slot_kernel(
-    r_ptr, xr_ptr, uu_ptr, w2_ptr, c2_ptr, slot_item_ptr, lse_ptr, dxbar_ptr,
+    r_ptr, xr_ptr, uu_ptr, w2_ptr, c2_ptr, slot_item_ptr, dxbar_ptr,
     beta_ptr, de_ptr, duu_ptr, dw2_ptr,
     P, M, D,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -107,10 +107,17 @@ def _component_bwd_slot_kernel(
     row_ok = m_ok & ((offs_m * 0 + s) >= 0)
     item_base = s_safe * M * D
 
-    # beta from the saved log-sum-exp: no max/sum pass needed
+    # beta by a full softmax of the recomputed logits (they are in registers, so the max
+    # and the sum cost nothing): exp(e - lse) from a saved log-sum-exp would lose up to
+    # ulp(lse) of relative accuracy, 3e-5 in float32 at |lse| ~ 400, and the gradients
+    # inherit it; e - max is exact where it matters.
     e = _component_logits(xr_ptr + item_base, uu_ptr + i * D, w2_ptr, c2_ptr, row_ok,
                           offs_m, m_ok, D, BLOCK_M, BLOCK_D)
-    beta = tl.where(row_ok, tl.exp(e - tl.load(lse_ptr + slot)), 0.0)
+    e = tl.where(row_ok, e, float("-inf"))
+    e_max = tl.max(e, axis=0)
+    e_max = tl.where(e_max == float("-inf"), 0.0, e_max)   # a padded slot: every row masked
+    p = tl.where(row_ok, tl.exp(e - e_max), 0.0)
+    beta = p / tl.maximum(tl.sum(p, axis=0), 1e-30)
 
     # d beta_m = dxbar . r_m ;  de = beta * (dbeta - sum_m beta dbeta)   (softmax backward)
     dbeta = tl.zeros([BLOCK_M], dtype=beta.dtype)
@@ -188,21 +195,20 @@ def _readable(t: torch.Tensor) -> torch.Tensor:
 
 
 def component_forward(r, xr, uu, w2, c2, slot_item, store_beta: bool):
-    """-> xbar [B, P, D], lse [B, P], beta [B, P, M] (None unless store_beta)."""
+    """-> xbar [B, P, D], beta [B, P, M] (None unless store_beta)."""
     B, P = slot_item.shape
     U, M, D = r.shape
     xbar = r.new_empty((B, P, D))
-    lse = r.new_empty((B, P))
     beta = r.new_zeros((B, P, M)) if store_beta else r.new_empty((1,))
     if B * P == 0:
-        return xbar, lse, (r.new_zeros((B, P, M)) if store_beta else None)
+        return xbar, (r.new_zeros((B, P, M)) if store_beta else None)
     _component_fwd_kernel[(B * P,)](
-        _readable(r), _readable(xr), uu, w2, c2, slot_item, xbar, lse, beta, P, M, D,
+        _readable(r), _readable(xr), uu, w2, c2, slot_item, xbar, beta, P, M, D,
         STORE_BETA=store_beta, **blocks(M, D))
-    return xbar, lse, (beta if store_beta else None)
+    return xbar, (beta if store_beta else None)
 
 
-def component_backward(r, xr, uu, w2, c2, slot_item, lse, dxbar, item_start, slot_order):
+def component_backward(r, xr, uu, w2, c2, slot_item, dxbar, item_start, slot_order):
     """-> dr [U, M, D], dxr [U, M, D], duu [B, D], dw2 [D], dc2 [1]."""
     B, P = slot_item.shape
     U, M, D = r.shape
@@ -214,7 +220,7 @@ def component_backward(r, xr, uu, w2, c2, slot_item, lse, dxbar, item_start, slo
     dw2_part = r.new_empty((B * P, D))
     if B * P:
         _component_bwd_slot_kernel[(B * P,)](
-            _readable(r), _readable(xr), uu, w2, c2, slot_item, lse, dxbar,
+            _readable(r), _readable(xr), uu, w2, c2, slot_item, dxbar,
             beta, de, duu_part, dw2_part, P, M, D, **bl)
     dr = torch.empty_like(r)
     dxr = torch.empty_like(r)

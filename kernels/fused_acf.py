@@ -8,7 +8,7 @@ user at once:
     r   = reduce_items(table, ids)            [U, M, D]  Triton gather-GEMM
     xr  = r W2x^T + b2x                       [U, M, D]  matmul, per distinct item
     uu  = u W2u^T + b2u,  ut = u W1u^T + b1u  [B, D]     matmul, per user
-    xbar, lse_c = component_forward(...)      [B, P, D]  Triton, per (user, slot)
+    xbar = component_forward(...)             [B, P, D]  Triton, per (user, slot)
     pre = p W1p^T + b1p + xbar W1x^T + b1x    [B, P, D]  matmul, per (user, slot)
     alpha, user, scores = item_forward(...)              Triton, per user
 
@@ -128,20 +128,20 @@ def acf_forward(table, batch: Batch, user_ids, profile_ids, pos, neg, w, with_sc
     xr = _linear(r.view(-1, D), w.c_wx, w.c_bx).view(U, M, D)
     u = w.user_emb[user_ids]
     uu = _linear(u, w.c_wu, w.c_bu)
-    xbar, lse_c, beta = component_forward(r, xr, uu, w.c_w.reshape(-1), w.c_b, batch.slot_item,
-                                          store_beta)
+    xbar, beta = component_forward(r, xr, uu, w.c_w.reshape(-1), w.c_b, batch.slot_item,
+                                   store_beta)
     pre = _linear(w.profile_emb[profile_ids], w.i_wp, w.i_bp) + _linear(xbar, w.i_wx, w.i_bx)
     ut = _linear(u, w.i_wu, w.i_bu)
     alpha, user, spos, sneg = item_forward(
         pre, ut, w.i_w.reshape(-1), w.i_b, batch.slot_item, profile_ids,
         w.profile_emb.contiguous(), w.item_emb.contiguous(), pos, neg, with_scores)
-    return user, spos, sneg, alpha, beta, (r, xbar, lse_c, pre)
+    return user, spos, sneg, alpha, beta, (r, xbar, pre)
 
 
 def acf_backward(grad_user, grad_pos, grad_neg, table, batch: Batch, user_ids, profile_ids,
                  pos, neg, w, user, alpha, saved, with_scores: bool):
     """Gradients of every ACFWeights field (same order, same shapes)."""
-    r, xbar, lse_c, pre = saved
+    r, xbar, pre = saved
     U, M, D = r.shape
     B, P = profile_ids.shape
     u = w.user_emb[user_ids]
@@ -167,7 +167,7 @@ def acf_backward(grad_user, grad_pos, grad_neg, table, batch: Batch, user_ids, p
 
     # component attention, then the reduction
     dr, dxr, duu, dw2, dc2 = component_backward(
-        r, xr, uu, w.c_w.reshape(-1), w.c_b, batch.slot_item, lse_c, dxbar,
+        r, xr, uu, w.c_w.reshape(-1), w.c_b, batch.slot_item, dxbar,
         batch.item_start, batch.slot_order)
     dxr2 = dxr.view(-1, D)
     g_c_wx = dxr2.T @ r.view(-1, D)

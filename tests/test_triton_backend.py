@@ -303,10 +303,10 @@ def test_custom_ops_pass_opcheck():
                 weights, True, True)
     torch.library.opcheck(triton_backend.triton_forward, fwd_args)
     out = triton_backend.triton_forward(*fwd_args)
-    user, _, _, alpha, _, r, xbar, lse_c, pre = (t.detach() for t in out)
+    user, _, _, alpha, _, r, xbar, pre = (t.detach() for t in out)
     grads = [torch.randn_like(user), torch.randn_like(alpha[:, 0]), torch.randn_like(alpha[:, 0])]
-    bwd_args = (*grads, *fwd_args[:9], [w.detach() for w in weights], user, alpha, r, xbar, lse_c,
-                pre, True)
+    bwd_args = (*grads, *fwd_args[:9], [w.detach() for w in weights], user, alpha, r, xbar, pre,
+                True)
     torch.library.opcheck(triton_backend.triton_backward, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -150,11 +150,11 @@ def cases(cap: int = 90):
         for store_beta in flags:
             add(ca._component_fwd_kernel,
                 dict(r_ptr=c, xr_ptr=c, uu_ptr=c, w2_ptr=c, c2_ptr=c, slot_item_ptr="*i32",
-                     xbar_ptr=c, lse_ptr=c, beta_ptr=c, P=P, M=M, D=D),
+                     xbar_ptr=c, beta_ptr=c, P=P, M=M, D=D),
                 dict(STORE_BETA=store_beta, **bl))
         add(ca._component_bwd_slot_kernel,
             dict(r_ptr=c, xr_ptr=c, uu_ptr=c, w2_ptr=c, c2_ptr=c, slot_item_ptr="*i32",
-                 lse_ptr=c, dxbar_ptr=c, beta_ptr=c, de_ptr=c, duu_ptr=c, dw2_ptr=c,
+                 dxbar_ptr=c, beta_ptr=c, de_ptr=c, duu_ptr=c, dw2_ptr=c,
                  P=P, M=M, D=D), bl)
         add(ca._component_bwd_item_kernel,
             dict(xr_ptr=c, uu_ptr=c, w2_ptr=c, beta_ptr=c, de_ptr=c, dxbar_ptr=c,

@@ -13,9 +13,10 @@ tensors. The data-dependent part (the batch's distinct items, `torch.unique`)
 happens before the op, in plain torch, so no op has a data-dependent output shape.
 
 Saved for backward (flash-attention style): the reduced features r of the distinct
-items [U, M, D], the pooled xbar and pre-activations [B, P, D], the component
-softmax's log-sum-exp [B, P] and alpha [B, P]; backward recomputes the component
-logits and beta from them and never stores anything per (user, slot, component).
+items [U, M, D], the pooled xbar and pre-activations [B, P, D] and alpha [B, P];
+backward recomputes the component logits and their softmax beta from them (a full
+softmax in registers: more accurate than exp(e - lse) from a saved log-sum-exp) and
+never stores anything per (user, slot, component).
 
 Kernels launch on torch's current CUDA stream (Triton's launcher asks torch for it).
 The returned attentions (alpha, beta) are detached: gradients flow through the user
@@ -79,8 +80,8 @@ def triton_forward(
     user_ids: torch.Tensor, profile_ids: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
     weights: list[torch.Tensor], with_scores: bool, store_beta: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> user, s_pos, s_neg, alpha, beta ([B, P, M] or [0]), r, xbar, lse_c, pre."""
+           torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> user, s_pos, s_neg, alpha, beta ([B, P, M] or [0]), r, xbar, pre."""
     w = ACFWeights(*weights)
     batch = fused.Batch(item_ids, slot_item, item_start, slot_order)
     user, spos, sneg, alpha, beta, saved = fused.acf_forward(
@@ -102,7 +103,7 @@ def _(table, item_ids, slot_item, item_start, slot_order, user_ids, profile_ids,
     new = w.user_emb.new_empty
     beta = new((B, P, M)) if store_beta else new((0,))
     return (new((B, D)), new((B,)), new((B,)), new((B, P)), beta,
-            new((U, M, D)), new((B, P, D)), new((B, P)), new((B, P, D)))
+            new((U, M, D)), new((B, P, D)), new((B, P, D)))
 
 
 @torch.library.custom_op("acf_fast::triton_backward", mutates_args=())
@@ -112,43 +113,43 @@ def triton_backward(
     item_start: torch.Tensor, slot_order: torch.Tensor,
     user_ids: torch.Tensor, profile_ids: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
     weights: list[torch.Tensor], user: torch.Tensor, alpha: torch.Tensor, r: torch.Tensor,
-    xbar: torch.Tensor, lse_c: torch.Tensor, pre: torch.Tensor, with_scores: bool,
+    xbar: torch.Tensor, pre: torch.Tensor, with_scores: bool,
 ) -> list[torch.Tensor]:
     batch = fused.Batch(item_ids, slot_item, item_start, slot_order)
     grads = fused.acf_backward(grad_user, grad_pos, grad_neg, table, batch, user_ids, profile_ids,
                                pos, neg, ACFWeights(*weights), user, alpha,
-                               (r, xbar, lse_c, pre), with_scores)
+                               (r, xbar, pre), with_scores)
     return [g.contiguous() for g in grads]
 
 
 @triton_backward.register_fake
 def _(grad_user, grad_pos, grad_neg, table, item_ids, slot_item, item_start, slot_order,
-      user_ids, profile_ids, pos, neg, weights, user, alpha, r, xbar, lse_c, pre, with_scores):
+      user_ids, profile_ids, pos, neg, weights, user, alpha, r, xbar, pre, with_scores):
     return [torch.empty_like(t) for t in weights]
 
 
 def _setup_context(ctx, inputs, output):
     (table, item_ids, slot_item, item_start, slot_order, user_ids, profile_ids, pos, neg,
      weights, with_scores, store_beta) = inputs
-    user, _, _, alpha, _, r, xbar, lse_c, pre = output
+    user, _, _, alpha, _, r, xbar, pre = output
     ctx.with_scores = with_scores
     # the saved-for-backward outputs (r, xbar, ...) and the attentions never receive a
     # gradient: without this autograd would allocate and zero-fill one per step (seven
     # launches, an r-sized [U, M, D] memset among them)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(table, item_ids, slot_item, item_start, slot_order, user_ids,
-                          profile_ids, pos, neg, user, alpha, r, xbar, lse_c, pre, *weights)
+                          profile_ids, pos, neg, user, alpha, r, xbar, pre, *weights)
 
 
 def _backward(ctx, g_user, g_pos, g_neg, *_unused):
     (table, item_ids, slot_item, item_start, slot_order, user_ids, profile_ids, pos, neg,
-     user, alpha, r, xbar, lse_c, pre, *weights) = ctx.saved_tensors
+     user, alpha, r, xbar, pre, *weights) = ctx.saved_tensors
     g_user = torch.zeros_like(user) if g_user is None else g_user
     g_pos = user.new_zeros(user.shape[:1]) if g_pos is None else g_pos
     g_neg = user.new_zeros(user.shape[:1]) if g_neg is None else g_neg
     grads = triton_backward(g_user, g_pos, g_neg, table, item_ids, slot_item, item_start,
                             slot_order, user_ids, profile_ids, pos, neg, list(weights), user,
-                            alpha, r, xbar, lse_c, pre, ctx.with_scores)
+                            alpha, r, xbar, pre, ctx.with_scores)
     return (None,) * 9 + (list(grads), None, None)
 
 
