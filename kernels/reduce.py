@@ -11,9 +11,11 @@ batch's distinct item ids, in the table's stored dtype (fp32, fp16, bf16 or fp64
 Precision (the `LOW` constexpr):
 - 16-bit table, fp32 parameters, sm_80+: tensor cores. The forward multiplies the
   16-bit rows by W_red rounded to the table's dtype; dW_red multiplies dr rounded to
-  bf16 by the rows (an fp16 table's rows are widened to bf16 there: fp16 would flush
-  the tiny per-component gradients, ~1e-7 at B = 128, to subnormals or zero, which is
-  why mixed-precision training keeps gradients in bf16 or scales the loss). Both
+  bf16 by bf16 rows, and for an fp16 table dr rounded to tf32 by the fp16 rows (exact
+  in tf32). dr never goes to fp16: that would flush the tiny per-component gradients,
+  ~1e-7 at B = 128, to subnormals or zero, which is why mixed-precision training keeps
+  gradients in bf16 or scales the loss; and widening fp16 rows to bf16 would cost them
+  3 mantissa bits (an emulation put that at 7x the fp16 reference's error). All
   accumulate in fp32. This is standard mixed precision: one extra rounding of W_red
   and of dr, each of the same size as the table's own rounding, so the error stays a
   small multiple of the reference's (which widens the 16-bit rows to fp32);
@@ -125,8 +127,14 @@ def _reduce_wgrad_kernel(
         # dr is [n_rows, D]; read its transpose tile [BLOCK_D, BLOCK_R]
         g = tl.load(dr_ptr + rows[None, :].to(tl.int64) * D + offs_d[:, None],
                     mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-        if LOW:  # tensor cores: bf16 x bf16 products (bf16 keeps fp32's range), fp32 sums
-            acc = tl.dot(g.to(tl.bfloat16), x.to(tl.bfloat16), acc, out_dtype=tl.float32)
+        if LOW:
+            if table_ptr.dtype.element_ty == tl.float16:
+                # tf32 tensor cores: an fp16 row is exact in tf32 (10-bit mantissa, fp32's
+                # range), and dr keeps 10 mantissa bits instead of bf16's 7
+                acc = tl.dot(g, x.to(tl.float32), acc, input_precision="tf32",
+                             out_dtype=tl.float32)
+            else:  # bf16 x bf16 products (bf16 keeps fp32's range), fp32 sums
+                acc = tl.dot(g.to(tl.bfloat16), x.to(tl.bfloat16), acc, out_dtype=tl.float32)
         else:
             acc = tl.dot(g, x.to(acc_dtype), acc, input_precision=PRECISION, out_dtype=acc_dtype)
     out = out_ptr + split.to(tl.int64) * D * F + offs_d[:, None].to(tl.int64) * F + offs_f[None, :]
