@@ -238,15 +238,18 @@ class ACF(nn.Module):
         exclusions leave empty hold item id 0 with score -inf.
         """
         user, alpha, beta = self.user_vectors(user_ids, profile_ids, profile_mask, return_attentions)
-        if not (torch.isfinite(user).all() & torch.isfinite(self.item_model.weight).all()):
-            # NaN scores would rank as ties and give meaningless metrics downstream
-            raise ValueError("the model's user vectors or item embeddings are not finite "
-                             "(NaN/inf parameters, e.g. from a diverged training run); no "
-                             "ranking is possible")
         from .scoring import score_catalogue
 
         result = score_catalogue(user, self.item_model.weight, self.all_items, self.model_dim,
                                  k=k, exclude=exclude, block_items=block_items)
+        # NaN (or +inf) scores would rank first and give meaningless metrics downstream.
+        # Checked on what is returned (the user vectors and the scores), not on the whole
+        # item table: that would cost a pass over N x D per call, per user in a loop.
+        scores = result[0] if k is not None else result
+        if not (torch.isfinite(user).all() & ~(scores.isnan() | (scores == float("inf"))).any()):
+            raise ValueError("the model's user vectors or item embeddings are not finite "
+                             "(NaN/inf parameters, e.g. from a diverged training run); no "
+                             "ranking is possible")
         if return_attentions:
             return result, alpha, beta
         return result
