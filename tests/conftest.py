@@ -84,3 +84,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_prepared_dataset(root):
+    """40 users x 60 items, F = 16, prepared into root/prep with 640 training triplets
+    (5 steps of 128): the dataset of the training-loop tests."""
+    from acf_fast.data.sampling import prepare
+    from acf_fast.data.synth import synth
+
+    s = synth(root / "data", n_users=40, n_items=60, n_concepts=4, feature_dim=16, images=False,
+              heavy_users=1, median_interactions=30, progress=False)
+    prepare(s["interactions"], s["features_h5"], root / "prep", n_train=640, n_validation=64,
+            progress=False)
+    return root

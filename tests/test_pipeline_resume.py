@@ -10,23 +10,17 @@ import pytest
 import torch
 
 from acf_fast.checkpoint import read_checkpoint
-from acf_fast.data.sampling import prepare
-from acf_fast.data.synth import synth
 from acf_fast.model import ACF
 from acf_fast.train import BEST, LAST, TrainConfig, Trainer, epoch_permutation
 
+from conftest import tiny_prepared_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    s = synth(root / "data", n_users=40, n_items=60, n_concepts=4, feature_dim=16, images=False,
-              heavy_users=1, median_interactions=30, progress=False)
-    prepare(s["interactions"], s["features_h5"], root / "prep", n_train=640, n_validation=64,
-            progress=False)
-    return root
+    return tiny_prepared_dataset(tmp_path_factory.mktemp("resume"))
 
 
 def config(root, out, **kw):
