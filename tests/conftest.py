@@ -52,6 +52,19 @@ def missing_backends() -> list[str]:
     return problems
 
 
+def require_triton_runnable() -> None:
+    """At the top of a Triton test module: skip it where Triton cannot run (no CUDA
+    device, no TRITON_INTERPRET=1), or fail it when ACF_FAST_REQUIRE_BACKENDS is set."""
+    from acf_fast.backend import triton_interpreter_on
+
+    if torch.cuda.is_available() or triton_interpreter_on():
+        return
+    if backends_required():
+        pytest.fail(f"{REQUIRE_BACKENDS} is set but the Triton tests cannot run: no CUDA "
+                    "device and TRITON_INTERPRET is not 1", pytrace=False)
+    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+
+
 def pytest_sessionstart(session):
     if not backends_required():
         return
@@ -97,3 +110,13 @@ def tiny_prepared_dataset(root):
     prepare(s["interactions"], s["features_h5"], root / "prep", n_train=640, n_validation=64,
             progress=False)
     return root
+
+
+def tiny_train_config(root, out, **overrides):
+    """A TrainConfig for tiny_prepared_dataset(root): 5 steps per epoch of 128, 2 epochs,
+    the reference backend, no early stopping, no progress bars."""
+    from acf_fast.train import TrainConfig
+
+    base = dict(data_dir=str(root / "prep"), out_dir=str(out), epochs=2, model_dim=16, lr=1e-2,
+                patience=0, progress=False, backend="reference", val_rank_samples=32)
+    return TrainConfig(**{**base, **overrides})

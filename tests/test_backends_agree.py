@@ -9,8 +9,6 @@ output and gradient is held to the reference's own rounding error at that place 
 `noise`), so an error confined to small entries cannot hide under the large ones.
 """
 
-import os
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,12 +16,14 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
+from conftest import backends_required
+
 from acf_fast import backend as backend_select
 from acf_fast.testing import random_batch, random_model, same_model
 
 CPU = torch.device("cpu")
 # conftest.py: with ACF_FAST_REQUIRE_BACKENDS set, a backend that cannot run fails here
-REQUIRED = os.environ.get("ACF_FAST_REQUIRE_BACKENDS", "0") not in ("", "0")
+REQUIRED = backends_required()
 
 
 def available_backends():

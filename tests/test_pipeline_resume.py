@@ -11,9 +11,9 @@ import torch
 
 from acf_fast.checkpoint import read_checkpoint
 from acf_fast.model import ACF
-from acf_fast.train import BEST, LAST, TrainConfig, Trainer, epoch_permutation
+from acf_fast.train import BEST, LAST, Trainer, epoch_permutation
 
-from conftest import tiny_prepared_dataset
+from conftest import tiny_prepared_dataset, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,10 +24,7 @@ def prepared(tmp_path_factory):
 
 
 def config(root, out, **kw):
-    base = dict(data_dir=str(root / "prep"), out_dir=str(out), epochs=2, model_dim=16, lr=1e-2,
-                checkpoint_every=3, patience=0, progress=False, backend="reference", val_rank_samples=32)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(root, out, **{"checkpoint_every": 3, **kw})
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch():

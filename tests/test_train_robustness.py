@@ -16,7 +16,7 @@ from acf_fast.checkpoint import read_checkpoint
 from acf_fast.train import (BEST, HISTORY, LAST, TrainConfig, Trainer, TrainingDiverged,
                             TrainingInterrupted, train)
 
-from conftest import tiny_prepared_dataset
+from conftest import tiny_prepared_dataset, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,12 +26,7 @@ def prepared(tmp_path_factory):
     return tiny_prepared_dataset(tmp_path_factory.mktemp("robust"))
 
 
-def config(root, out, **kw):
-    """640 triplets: 5 steps per epoch of 128."""
-    base = dict(data_dir=str(root / "prep"), out_dir=str(out), epochs=2, model_dim=16, lr=1e-2,
-                patience=0, progress=False, backend="reference", val_rank_samples=32)
-    base.update(kw)
-    return TrainConfig(**base)
+config = tiny_train_config
 
 
 def same_parameters(a, b):

@@ -5,20 +5,15 @@ really execute, in numpy). Shapes are small because the interpreter runs every
 program instance one after another.
 """
 
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
+from conftest import require_triton_runnable  # noqa: E402
+
 from acf_fast.backend import triton_interpreter_on  # noqa: E402
 
-if not (torch.cuda.is_available() or triton_interpreter_on()):
-    # conftest.py: with ACF_FAST_REQUIRE_BACKENDS set, the Triton tests must run
-    if os.environ.get("ACF_FAST_REQUIRE_BACKENDS", "0") not in ("", "0"):
-        pytest.fail("ACF_FAST_REQUIRE_BACKENDS is set but the Triton tests cannot run: "
-                    "no CUDA device and TRITON_INTERPRET is not 1", pytrace=False)
-    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+require_triton_runnable()
 
 from acf_fast import ACF  # noqa: E402
 from acf_fast.backends import triton as triton_backend  # noqa: E402

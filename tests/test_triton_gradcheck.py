@@ -1,21 +1,16 @@
 """float64 gradcheck through the Triton path (kernels included), for every parameter."""
 
-import os
-
 import pytest
 import torch
 from torch.func import functional_call
 from torch.nn.utils.stateless import _reparametrize_module
 
 pytest.importorskip("triton")
+from conftest import require_triton_runnable  # noqa: E402
+
 from acf_fast.backend import triton_interpreter_on  # noqa: E402
 
-if not (torch.cuda.is_available() or triton_interpreter_on()):
-    # conftest.py: with ACF_FAST_REQUIRE_BACKENDS set, the Triton tests must run
-    if os.environ.get("ACF_FAST_REQUIRE_BACKENDS", "0") not in ("", "0"):
-        pytest.fail("ACF_FAST_REQUIRE_BACKENDS is set but the Triton tests cannot run: "
-                    "no CUDA device and TRITON_INTERPRET is not 1", pytrace=False)
-    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+require_triton_runnable()
 
 from acf_fast.testing import random_batch, random_model  # noqa: E402
 
