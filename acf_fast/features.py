@@ -48,6 +48,8 @@ def _convert_checked(block: torch.Tensor, dtype: torch.dtype, first_item_row: in
     """block.to(dtype), refusing values that overflow it (float16 tops out at 65504):
     an inf in the table would make every score that touches the item NaN."""
     out = block.to(dtype)
+    if torch.finfo(dtype).max >= torch.finfo(block.dtype).max:
+        return out  # cannot overflow (the block itself was checked finite): no second pass
     bad = ~torch.isfinite(out).flatten(1).all(dim=1)
     if bad.any():
         row = first_item_row + int(bad.nonzero()[0, 0])
