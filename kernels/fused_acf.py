@@ -13,7 +13,8 @@ user at once:
     alpha, user, scores = item_forward(...)              Triton, per user
 
 `Batch` carries the batch's distinct items, built once by the caller with plain torch
-ops (torch.unique needs a host sync for its size). Gradients of the embedding tables
+ops: exactly U of them (torch.unique, one host sync for its size), or a static
+capacity with the live count in device memory (no sync: a CUDA graph can hold it). Gradients of the embedding tables
 are scatter-adds done here with torch; see `scatter_rows` for determinism.
 
 Host cost: with the reduction on tensor cores, a B = 128 step is a few hundred
@@ -22,12 +23,14 @@ microseconds of GPU work, less than the host needs to issue it (an H200 run meas
 backward fuses products with their sums (addmm), and the autograd wiring does not
 zero-fill gradients for outputs that never get one (see acf_fast.backends.triton).
 A host-resident table (`compact_table`) adds one gather and one copy of the batch's
-distinct items. Why not a CUDA graph of the step: the number of distinct items U
-(torch.unique, read back to the host) sets the shapes of r and the reduction grids,
-and ACF's id checks read values back too, so the step cannot be captured as it
-stands; it would need U padded to a static bound (B * P) with the kernels reading the
-true count from device memory. gpu_bench's "host ms" column says whether that is
-worth doing.
+distinct items.
+
+CUDA graphs (acf_fast.cuda_graph): with `distinct_items(..., capacity=C)` every shape
+is fixed by (B, P, C) and nothing is read back, so the whole step can be captured and
+replayed for the cost of one launch. The price of the static shape is small: the two
+reduction kernels read the live count and skip the dead items' rows (their r is 0,
+their dr is 0), and only the per-item projections (xr and its two backward GEMMs,
+[C*M, D] x [D, D]) run over all C items.
 """
 
 from __future__ import annotations
@@ -47,26 +50,51 @@ class Batch(NamedTuple):
     slot_item: torch.Tensor   # [B, P] int32: index into item_ids, -1 on padded slots
     item_start: torch.Tensor  # [U + 1] int32: item k's slots are slot_order[start[k]:start[k+1]]
     slot_order: torch.Tensor  # [B * P + 1] int32: flat slot indices (i * P + l), grouped by item
+    # static-shape batches only: int32 [1], how many of item_ids are live (the rest are
+    # id 0 with no slots); None when item_ids holds exactly the distinct items
+    item_count: torch.Tensor | None = None
 
 
-def distinct_items(profile_ids: torch.Tensor, profile_mask: torch.Tensor) -> Batch:
+def distinct_items(profile_ids: torch.Tensor, profile_mask: torch.Tensor,
+                   capacity: int | None = None) -> Batch:
     """The distinct real items of a batch and, for backward, which slots hold each one.
 
-    One host sync (torch.unique's output size): a padding id 0 is prepended so that 0 is
-    always distinct item number 0 and the real items are exactly unique[1:]; padded
-    slots (masked, whatever their id) map to -1. The stable sort of the prepended array
-    puts that extra 0 and the padded slots first, then each real item's slots in order.
+    A padding id 0 is prepended so that 0 is always distinct item number 0 and the real
+    items come after it; padded slots (masked, whatever their id) map to -1. The stable
+    sort of the prepended array puts that extra 0 and the padded slots first, then each
+    real item's slots in order.
+
+    capacity=None: exactly the U distinct items (torch.unique: one host sync for U).
+    capacity=C (at least the number of distinct items; B * P always is): item_ids has C
+    entries, the live ones first in the same order, then id 0; item_start stays flat
+    past the live items (no slots), and item_count holds the live count on the device.
+    Built from a sort and prefix sums, which read nothing back to the host.
     """
     B, P = profile_ids.shape
     ids = torch.where(profile_mask.bool(), profile_ids, 0).reshape(-1)
     ids = torch.cat([ids.new_zeros(1), ids])
-    unique, inverse, counts = torch.unique(ids, sorted=True, return_inverse=True,
-                                           return_counts=True)
-    order = torch.argsort(inverse, stable=True)
+    if capacity is None:
+        unique, inverse, counts = torch.unique(ids, sorted=True, return_inverse=True,
+                                               return_counts=True)
+        order = torch.argsort(inverse, stable=True)
+        return Batch(item_ids=unique[1:],
+                     slot_item=(inverse[1:] - 1).to(torch.int32).view(B, P),
+                     item_start=counts.cumsum(0).to(torch.int32),
+                     slot_order=(order - 1).to(torch.int32))
+    sorted_ids, order = torch.sort(ids, stable=True)
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    group = first.cumsum(0) - 1                      # distinct-item number, 0 = padding
+    inverse = torch.empty_like(group).scatter_(0, order, group)
+    # every element of a group holds the same id: whichever write lands, the value is right
+    unique = ids.new_zeros(capacity + 1).scatter_(0, group, sorted_ids)
+    counts = torch.zeros(capacity + 1, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(0, group, torch.ones_like(group, dtype=torch.int32))
     return Batch(item_ids=unique[1:],
                  slot_item=(inverse[1:] - 1).to(torch.int32).view(B, P),
                  item_start=counts.cumsum(0).to(torch.int32),
-                 slot_order=(order - 1).to(torch.int32))
+                 slot_order=(order - 1).to(torch.int32),
+                 item_count=group[-1:].to(torch.int32))
 
 
 def compact_table(table: torch.Tensor, batch: Batch, device: torch.device):
@@ -123,7 +151,7 @@ def acf_forward(table, batch: Batch, user_ids, profile_ids, pos, neg, w, with_sc
                 store_beta: bool):
     """w: ACFWeights. -> (user, s_pos, s_neg, alpha, beta | None, saved), saved for backward."""
     D = w.user_emb.shape[1]
-    r = reduce_items(table, batch.item_ids, w.red_w, w.red_b)
+    r = reduce_items(table, batch.item_ids, w.red_w, w.red_b, batch.item_count)
     U, M, _ = r.shape
     xr = _linear(r.view(-1, D), w.c_wx, w.c_bx).view(U, M, D)
     u = w.user_emb[user_ids]
@@ -174,7 +202,7 @@ def acf_backward(grad_user, grad_pos, grad_neg, table, batch: Batch, user_ids, p
     dr = torch.addmm(dr.view(-1, D), dxr2, w.c_wx).view(U, M, D)
     g_c_wu = duu.T @ u
     du = torch.addmm(du, duu, w.c_wu)
-    g_red_w = reduce_weight_grad(table, batch.item_ids, dr)
+    g_red_w = reduce_weight_grad(table, batch.item_ids, dr, batch.item_count)
 
     # embedding tables (row 0 is padding_idx: never trained, like nn.Embedding)
     n_items = w.item_emb.shape[0]

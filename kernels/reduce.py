@@ -56,19 +56,27 @@ from ._common import dot_precision, interpreting, next_pow2
 
 @triton.jit
 def _reduce_fwd_kernel(
-    table_ptr, ids_ptr, w_ptr, b_ptr, out_ptr,
+    table_ptr, ids_ptr, count_ptr, w_ptr, b_ptr, out_ptr,
     n_rows, M, F, D,
     stride_item, stride_comp,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, LOW: tl.constexpr,
 ):
-    """One [BLOCK_R, BLOCK_D] tile of r; rows are (distinct item, component) pairs."""
+    """One [BLOCK_R, BLOCK_D] tile of r; rows are (distinct item, component) pairs.
+
+    count_ptr (static-shape batches, see fused_acf.distinct_items): the number of live
+    items, read from device memory; rows past them are written as 0 without reading the
+    table (None: every row is live, and this code is not compiled in)."""
     pid_r = tl.program_id(0)
     pid_d = tl.program_id(1)
     acc_dtype = out_ptr.dtype.element_ty
 
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
+    k_stop = F
+    if count_ptr is not None:
+        n_live = tl.load(count_ptr) * M
+        k_stop = tl.where(pid_r * BLOCK_R < n_live, F, 0)
     item = tl.load(ids_ptr + rows // M, mask=row_ok, other=0).to(tl.int64)
     comp = (rows % M).to(tl.int64)
     # int64 offsets: a 33k x 49 x 2048 table has more than 2^31 elements
@@ -78,7 +86,7 @@ def _reduce_fwd_kernel(
     d_ok = offs_d < D
     w_base = w_ptr + offs_d[None, :].to(tl.int64) * F
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=acc_dtype)
-    for k0 in range(0, F, BLOCK_K):
+    for k0 in range(0, k_stop, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < F
         x = tl.load(row_base[:, None] + offs_k[None, :],
@@ -92,19 +100,24 @@ def _reduce_fwd_kernel(
                          out_dtype=acc_dtype)
     bias = tl.load(b_ptr + offs_d, mask=d_ok, other=0.0).to(acc_dtype)
     acc += bias[None, :]
+    if count_ptr is not None:
+        acc = tl.where((rows < n_live)[:, None], acc, 0.0)
     out = out_ptr + rows[:, None].to(tl.int64) * D + offs_d[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _reduce_wgrad_kernel(
-    table_ptr, ids_ptr, dr_ptr, out_ptr,
+    table_ptr, ids_ptr, count_ptr, dr_ptr, out_ptr,
     n_rows, rows_per_split, M, F, D,
     stride_item, stride_comp,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
     PRECISION: tl.constexpr, LOW: tl.constexpr,
 ):
-    """partial[split, d, f] = sum over this split's rows of dr[row, d] * x[row, f]."""
+    """partial[split, d, f] = sum over this split's rows of dr[row, d] * x[row, f].
+
+    count_ptr as in the forward: only the live items' rows are read (the others' dr is 0),
+    split evenly over the splits."""
     pid_d = tl.program_id(0)
     pid_f = tl.program_id(1)
     split = tl.program_id(2)
@@ -116,6 +129,12 @@ def _reduce_wgrad_kernel(
     f_ok = offs_f < F
     row_start = split * rows_per_split
     row_stop = tl.minimum(row_start + rows_per_split, n_rows)
+    if count_ptr is not None:
+        # the live rows spread over all the splits (the grid is sized for the capacity)
+        n_live = tl.load(count_ptr) * M
+        per_split = tl.cdiv(tl.cdiv(n_live, tl.num_programs(2)), BLOCK_R) * BLOCK_R
+        row_start = split * per_split
+        row_stop = tl.minimum(row_start + per_split, n_live)
     acc = tl.zeros([BLOCK_D, BLOCK_F], dtype=acc_dtype)
     for r0 in range(row_start, row_stop, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
@@ -212,8 +231,11 @@ def _launch_info(table: torch.Tensor, compute_dtype: torch.dtype):
 
 
 def reduce_items(table: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor) -> torch.Tensor:
-    """r [U, M, D] = table[ids] @ weight^T + bias, without gathering table[ids]."""
+                 bias: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """r [U, M, D] = table[ids] @ weight^T + bias, without gathering table[ids].
+
+    count: an int32 [1] device tensor for static-shape batches: only ids[:count] are
+    live, the rows of the others are 0 (so that products with them stay finite)."""
     _, M, F = table.shape
     D = weight.shape[0]
     U = ids.numel()
@@ -228,7 +250,7 @@ def reduce_items(table: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor,
     # every program, which would also double the shared memory its tiles take
     w_op = weight.to(table.dtype) if low else weight
     _reduce_fwd_kernel[grid](
-        table, ids, w_op, bias, out, U * M, M, F, D, table.stride(0), table.stride(1),
+        table, ids, count, w_op, bias, out, U * M, M, F, D, table.stride(0), table.stride(1),
         PRECISION=_precision(low, weight.dtype, table.device), LOW=low, **blocks)
     return out
 
@@ -242,8 +264,10 @@ def wgrad_splits(n_rows: int, D: int, F: int, blocks: dict, sm_count: int) -> in
     return max(1, min(32, (2 * sm_count) // max(1, tiles), n_rows // 512))
 
 
-def reduce_weight_grad(table: torch.Tensor, ids: torch.Tensor, dr: torch.Tensor) -> torch.Tensor:
-    """dW_red [D, F] = sum over (distinct item, component) rows of dr^T x."""
+def reduce_weight_grad(table: torch.Tensor, ids: torch.Tensor, dr: torch.Tensor,
+                       count: torch.Tensor | None = None) -> torch.Tensor:
+    """dW_red [D, F] = sum over (distinct item, component) rows of dr^T x; with `count`
+    (see reduce_items) over the live items' rows only."""
     _, M, F = table.shape
     U, _, D = dr.shape
     n_rows = U * M
@@ -259,7 +283,7 @@ def reduce_weight_grad(table: torch.Tensor, ids: torch.Tensor, dr: torch.Tensor)
     partial = torch.empty((splits, D, F), device=dr.device, dtype=dr.dtype)
     grid = (triton.cdiv(D, blocks["BLOCK_D"]), triton.cdiv(F, blocks["BLOCK_F"]), splits)
     _reduce_wgrad_kernel[grid](
-        table, ids, dr, partial, n_rows, rows_per_split, M, F, D,
+        table, ids, count, dr, partial, n_rows, rows_per_split, M, F, D,
         table.stride(0), table.stride(1),
         PRECISION=_precision(low, dr.dtype, table.device), LOW=low, **blocks)
     return partial[0] if splits == 1 else partial.sum(0)

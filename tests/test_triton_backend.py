@@ -286,13 +286,15 @@ def test_scores_flow_into_training():
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=lambda m: f"{n}: {m}")
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("capacity", [None, 4])   # exact batch; static (CUDA-graph) batch
+def test_custom_ops_pass_opcheck(capacity):
     """Schema, fake (meta) implementations, autograd registration, AOT dispatch."""
     from acf_fast.weights import ACFWeights
 
     model = random_model(n_users=3, n_items=5, m=3, f=5, d=16, backend="triton").to(DEVICE)
     data = random_batch(model, batch=2, seed=0, lengths=[2, 0], duplicates=True)
-    batch = triton_backend.fused.distinct_items(data.profile_ids, data.profile_mask)
+    batch = triton_backend.fused.distinct_items(data.profile_ids, data.profile_mask, capacity)
+    assert (batch.item_count is None) == (capacity is None)
     weights = [t.detach().clone().requires_grad_(True) for t in ACFWeights.of(model)]
     fwd_args = (model.feature_table, *batch, data.user_ids, data.profile_ids, data.pos, data.neg,
                 weights, True, True)
@@ -300,7 +302,7 @@ def test_custom_ops_pass_opcheck():
     out = triton_backend.triton_forward(*fwd_args)
     user, _, _, alpha, _, r, xbar, pre = (t.detach() for t in out)
     grads = [torch.randn_like(user), torch.randn_like(alpha[:, 0]), torch.randn_like(alpha[:, 0])]
-    bwd_args = (*grads, *fwd_args[:9], [w.detach() for w in weights], user, alpha, r, xbar, pre,
+    bwd_args = (*grads, *fwd_args[:10], [w.detach() for w in weights], user, alpha, r, xbar, pre,
                 True)
     torch.library.opcheck(triton_backend.triton_backward, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))

@@ -21,6 +21,7 @@ parallel) with the variable removed: the result is the same with or without the 
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import subprocess
 import sys
@@ -129,13 +130,18 @@ def cases(cap: int = 90):
             # what the launchers pick on this architecture (tensor cores or not)
             low = rd.use_tensor_cores(torch_dtype[table], torch_dtype[compute],
                                       torch.device("cuda"), cap)
-            for precision in (("ieee",) if low else precisions):
+            # count: None for exact batches (a constexpr: the live-count code is not
+            # compiled in), an int32 pointer for static-shape (CUDA-graph) batches
+            for precision, count in itertools.product(("ieee",) if low else precisions,
+                                                      (None, "*i32")):
+                counted = {} if count is None else dict(count_ptr=count)
+                uncounted = dict(count_ptr=None) if count is None else {}
                 add(rd._reduce_fwd_kernel,  # tensor cores: W_red in the table's dtype
                     dict(table_ptr=_ptr(table), ids_ptr="*i64",
                          w_ptr=_ptr(table if low else compute),
                          b_ptr=_ptr(compute), out_ptr=_ptr(compute), n_rows=n_rows, M=M,
-                         F=F, D=D, stride_item=M * F, stride_comp=F),
-                    dict(PRECISION=precision, LOW=low, **rd.fwd_blocks(D, low, cap)))
+                         F=F, D=D, stride_item=M * F, stride_comp=F, **counted),
+                    dict(PRECISION=precision, LOW=low, **uncounted, **rd.fwd_blocks(D, low, cap)))
                 wb = rd.wgrad_blocks(D, low, cap)
                 splits = rd.wgrad_splits(n_rows, D, F, wb, 132)  # an H100's SMs
                 block_r = wb["BLOCK_R"]
@@ -143,8 +149,8 @@ def cases(cap: int = 90):
                 add(rd._reduce_wgrad_kernel,
                     dict(table_ptr=_ptr(table), ids_ptr="*i64", dr_ptr=_ptr(compute),
                          out_ptr=_ptr(compute), n_rows=n_rows, rows_per_split=rows_per_split,
-                         M=M, F=F, D=D, stride_item=M * F, stride_comp=F),
-                    dict(PRECISION=precision, LOW=low, **wb))
+                         M=M, F=F, D=D, stride_item=M * F, stride_comp=F, **counted),
+                    dict(PRECISION=precision, LOW=low, **uncounted, **wb))
         c = _ptr(compute)
         bl = ca.blocks(M, D)
         for store_beta in flags:

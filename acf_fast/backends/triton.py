@@ -76,14 +76,14 @@ N_WEIGHTS = len(ACFWeights._fields)
 @torch.library.custom_op("acf_fast::triton_forward", mutates_args=())
 def triton_forward(
     table: torch.Tensor, item_ids: torch.Tensor, slot_item: torch.Tensor,
-    item_start: torch.Tensor, slot_order: torch.Tensor,
+    item_start: torch.Tensor, slot_order: torch.Tensor, item_count: torch.Tensor | None,
     user_ids: torch.Tensor, profile_ids: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
     weights: list[torch.Tensor], with_scores: bool, store_beta: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> user, s_pos, s_neg, alpha, beta ([B, P, M] or [0]), r, xbar, pre."""
     w = ACFWeights(*weights)
-    batch = fused.Batch(item_ids, slot_item, item_start, slot_order)
+    batch = fused.Batch(item_ids, slot_item, item_start, slot_order, item_count)
     user, spos, sneg, alpha, beta, saved = fused.acf_forward(
         table, batch, user_ids, profile_ids, pos, neg, w, with_scores, store_beta)
     if not with_scores:
@@ -94,8 +94,8 @@ def triton_forward(
 
 
 @triton_forward.register_fake
-def _(table, item_ids, slot_item, item_start, slot_order, user_ids, profile_ids, pos, neg,
-      weights, with_scores, store_beta):
+def _(table, item_ids, slot_item, item_start, slot_order, item_count, user_ids, profile_ids,
+      pos, neg, weights, with_scores, store_beta):
     w = ACFWeights(*weights)
     B, P = profile_ids.shape
     D = w.user_emb.shape[1]
@@ -110,12 +110,12 @@ def _(table, item_ids, slot_item, item_start, slot_order, user_ids, profile_ids,
 def triton_backward(
     grad_user: torch.Tensor, grad_pos: torch.Tensor, grad_neg: torch.Tensor,
     table: torch.Tensor, item_ids: torch.Tensor, slot_item: torch.Tensor,
-    item_start: torch.Tensor, slot_order: torch.Tensor,
+    item_start: torch.Tensor, slot_order: torch.Tensor, item_count: torch.Tensor | None,
     user_ids: torch.Tensor, profile_ids: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
     weights: list[torch.Tensor], user: torch.Tensor, alpha: torch.Tensor, r: torch.Tensor,
     xbar: torch.Tensor, pre: torch.Tensor, with_scores: bool,
 ) -> list[torch.Tensor]:
-    batch = fused.Batch(item_ids, slot_item, item_start, slot_order)
+    batch = fused.Batch(item_ids, slot_item, item_start, slot_order, item_count)
     grads = fused.acf_backward(grad_user, grad_pos, grad_neg, table, batch, user_ids, profile_ids,
                                pos, neg, ACFWeights(*weights), user, alpha,
                                (r, xbar, pre), with_scores)
@@ -124,33 +124,34 @@ def triton_backward(
 
 @triton_backward.register_fake
 def _(grad_user, grad_pos, grad_neg, table, item_ids, slot_item, item_start, slot_order,
-      user_ids, profile_ids, pos, neg, weights, user, alpha, r, xbar, pre, with_scores):
+      item_count, user_ids, profile_ids, pos, neg, weights, user, alpha, r, xbar, pre,
+      with_scores):
     return [torch.empty_like(t) for t in weights]
 
 
 def _setup_context(ctx, inputs, output):
-    (table, item_ids, slot_item, item_start, slot_order, user_ids, profile_ids, pos, neg,
-     weights, with_scores, store_beta) = inputs
+    (table, item_ids, slot_item, item_start, slot_order, item_count, user_ids, profile_ids,
+     pos, neg, weights, with_scores, store_beta) = inputs
     user, _, _, alpha, _, r, xbar, pre = output
     ctx.with_scores = with_scores
     # the saved-for-backward outputs (r, xbar, ...) and the attentions never receive a
     # gradient: without this autograd would allocate and zero-fill one per step (seven
     # launches, an r-sized [U, M, D] memset among them)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(table, item_ids, slot_item, item_start, slot_order, user_ids,
-                          profile_ids, pos, neg, user, alpha, r, xbar, pre, *weights)
+    ctx.save_for_backward(table, item_ids, slot_item, item_start, slot_order, item_count,
+                          user_ids, profile_ids, pos, neg, user, alpha, r, xbar, pre, *weights)
 
 
 def _backward(ctx, g_user, g_pos, g_neg, *_unused):
-    (table, item_ids, slot_item, item_start, slot_order, user_ids, profile_ids, pos, neg,
-     user, alpha, r, xbar, pre, *weights) = ctx.saved_tensors
+    (table, item_ids, slot_item, item_start, slot_order, item_count, user_ids, profile_ids,
+     pos, neg, user, alpha, r, xbar, pre, *weights) = ctx.saved_tensors
     g_user = torch.zeros_like(user) if g_user is None else g_user
     g_pos = user.new_zeros(user.shape[:1]) if g_pos is None else g_pos
     g_neg = user.new_zeros(user.shape[:1]) if g_neg is None else g_neg
     grads = triton_backward(g_user, g_pos, g_neg, table, item_ids, slot_item, item_start,
-                            slot_order, user_ids, profile_ids, pos, neg, list(weights), user,
+                            slot_order, item_count, user_ids, profile_ids, pos, neg, list(weights), user,
                             alpha, r, xbar, pre, ctx.with_scores)
-    return (None,) * 9 + (list(grads), None, None)
+    return (None,) * 10 + (list(grads), None, None)
 
 
 triton_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -172,12 +173,17 @@ def _table_elsewhere(table: torch.Tensor, device: torch.device) -> bool:
 
 
 def fused_acf(weights: ACFWeights, table: torch.Tensor, user_ids, profile_ids, profile_mask,
-              pos=None, neg=None, return_attentions: bool = False):
+              pos=None, neg=None, return_attentions: bool = False, static_shapes: bool = False):
     """Functional entry point: (user, s_pos | None, s_neg | None, alpha | None, beta | None).
 
     A feature table on another device than the parameters (a host-resident table,
     `ACF(features_on_host=True)`) is reduced to the batch's distinct items on the host
-    and copied over (`compact_table`); the kernels then run on that compact table."""
+    and copied over (`compact_table`); the kernels then run on that compact table.
+
+    static_shapes=True: no value is read back to the host and every shape follows from
+    the inputs' shapes (the distinct items padded to min(B * P, N), see
+    fused.distinct_items), so the call can be captured in a CUDA graph. The ids are not
+    range-checked here: acf_fast.cuda_graph checks them on the host before the copy."""
     device = weights.user_emb.device
     _check_device(device)
     D = weights.user_emb.shape[1]
@@ -193,7 +199,14 @@ def fused_acf(weights: ACFWeights, table: torch.Tensor, user_ids, profile_ids, p
     if P == 0:  # no slots at all: one padded slot gives the same result (alpha = 0)
         profile_ids = profile_ids.new_zeros((B, 1))
         profile_mask = profile_mask.new_zeros((B, 1))
-    batch = fused.distinct_items(profile_ids, profile_mask)
+    if static_shapes:
+        if _table_elsewhere(table, device):
+            raise ValueError("static_shapes needs the feature table on the parameters' device "
+                             f"({device}), not on {table.device} (features_on_host=False)")
+        capacity = min(profile_ids.numel(), weights.item_emb.shape[0] - 1)
+        batch = fused.distinct_items(profile_ids, profile_mask, capacity)
+    else:
+        batch = fused.distinct_items(profile_ids, profile_mask)
     if _table_elsewhere(table, device):
         table, batch = fused.compact_table(table, batch, device)
     with_scores = pos is not None
@@ -220,4 +233,13 @@ def user_vectors(model, user_ids, profile_ids, profile_mask, return_attentions=F
 def pair_scores(model, user_ids, profile_ids, pos, neg, profile_mask):
     _, spos, sneg, _, _ = fused_acf(ACFWeights.of(model), model.feature_table, user_ids,
                                     profile_ids, profile_mask, pos=pos, neg=neg)
+    return spos, sneg
+
+
+def static_pair_scores(model, user_ids, profile_ids, pos, neg, profile_mask):
+    """pair_scores with static shapes and no read-back (acf_fast.cuda_graph); the caller
+    has checked the ids."""
+    _, spos, sneg, _, _ = fused_acf(ACFWeights.of(model), model.feature_table, user_ids,
+                                    profile_ids, profile_mask, pos=pos, neg=neg,
+                                    static_shapes=True)
     return spos, sneg
