@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature table dtype (16-bit halves its memory)")
     p.add_argument("--max-steps", type=_count(1), default=None,
                    help="stop after this many steps in all (default: no limit)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each step from a CUDA graph (triton backend, one GPU): "
+                        "removes the per-step launch overhead")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in OUT (default: refuse to touch it)")
@@ -222,7 +225,7 @@ def run(args) -> int:
                           val_rank_samples=args.val_rank_samples, checkpoint_every=args.checkpoint_every,
                           backend=args.backend, device=args.device, feature_dtype=args.feature_dtype,
                           max_steps=args.max_steps, overwrite=args.overwrite,
-                          num_threads=args.threads)
+                          num_threads=args.threads, cuda_graph=args.cuda_graph)
         s = train(cfg, resume=args.resume)
         if is_main():   # under torchrun, rank 0 speaks for all
             from pathlib import Path

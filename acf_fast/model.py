@@ -149,7 +149,7 @@ class ACF(nn.Module):
     def profile_mask_for(self, profile_ids: torch.Tensor) -> torch.Tensor:
         return profile_ids != PAD
 
-    def _check_ids(self, ids: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
+    def _check_ids(self, ids: torch.Tensor, name: str, ndim: int, device=None) -> torch.Tensor:
         """Type, dtype and rank; the range is checked for the whole batch at once."""
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
@@ -157,7 +157,7 @@ class ACF(nn.Module):
             raise TypeError(f"{name} must be an int64 or int32 tensor, got {ids.dtype}")
         if ids.dim() != ndim:
             raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(ids.shape)}")
-        return ids.to(self.item_model.weight.device, torch.long)
+        return ids.to(device or self.item_model.weight.device, torch.long)
 
     @staticmethod
     def _check_ranges(checks, mask_mismatch=None) -> None:
@@ -176,17 +176,19 @@ class ACF(nn.Module):
         raise ValueError("profile_mask disagrees with profile_ids: a slot must be masked "
                          "exactly when its id is the padding id 0")
 
-    def _check_batch(self, user_ids, profile_ids, profile_mask, pos=None, neg=None):
-        user_ids = self._check_ids(user_ids, "user_ids", 1)
-        profile_ids = self._check_ids(profile_ids, "profile_ids", 2)
+    def _check_batch(self, user_ids, profile_ids, profile_mask, pos=None, neg=None, device=None):
+        """Checked ids (int64) and mask on `device` (default: the parameters' device; a
+        CUDA-graph step checks host batches on the CPU, so the GPU never waits)."""
+        user_ids = self._check_ids(user_ids, "user_ids", 1, device)
+        profile_ids = self._check_ids(profile_ids, "profile_ids", 2, device)
         if profile_ids.shape[0] != user_ids.shape[0]:
             raise ValueError(f"profile_ids has {profile_ids.shape[0]} rows but user_ids has "
                              f"{user_ids.shape[0]}")
         n_ids = self.num_items + 1
         checks = [("user_ids", user_ids, 0, self.num_users), ("profile_ids", profile_ids, 0, n_ids)]
         if pos is not None:
-            pos = self._check_ids(pos, "pos", 1)
-            neg = self._check_ids(neg, "neg", 1)
+            pos = self._check_ids(pos, "pos", 1, device)
+            neg = self._check_ids(neg, "neg", 1, device)
             if not (pos.shape[0] == neg.shape[0] == user_ids.shape[0]):
                 raise ValueError(f"user_ids, pos and neg must have the same length, got "
                                  f"{user_ids.shape[0]}, {pos.shape[0]}, {neg.shape[0]}")

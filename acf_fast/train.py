@@ -97,6 +97,8 @@ class TrainConfig:
                                          # small machine 1 thread is often faster for small models.
     progress: bool = True
     overwrite: bool = False              # train(): replace a run already in out_dir instead of refusing
+    cuda_graph: bool = False             # replay each full batch's step from a CUDA graph (triton
+                                         # backend on one GPU; see acf_fast.cuda_graph)
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "model_dim", "max_profile_size"):
@@ -125,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"threads must be >= 1 (or 0 / unset for torch's default), "
                              f"got {self.num_threads}")
         check_device(self.device)
+        if self.cuda_graph and not str(self.device).startswith("cuda"):
+            raise ValueError(f"cuda_graph needs a CUDA device, got device={self.device!r}")
 
 
 def check_device(device) -> torch.device | None:
@@ -235,8 +239,15 @@ class Trainer:
         # the resume tests pin down
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
                                           weight_decay=config.weight_decay,
-                                          fused=self.device.type == "cuda" or None)
+                                          fused=self.device.type == "cuda" or None,
+                                          capturable=config.cuda_graph)
         self.loss_fn = get_loss(config.loss)
+        self.graph_step = None
+        if config.cuda_graph:
+            if self.dist.is_distributed:
+                raise ValueError("cuda_graph runs on one GPU; it cannot be combined with torchrun")
+            from .cuda_graph import GraphedTrainStep
+            self.graph_step = GraphedTrainStep(self.model, self.optimizer, self.loss_fn)
         self.state = TrainState()
         self.step_losses: list[float] = []             # every batch loss this process computed
         self.resumed = False                           # state loaded from a checkpoint
@@ -315,7 +326,15 @@ class Trainer:
                 raise ValueError(f"cannot resume {path}: it was trained with {key}={old[key]!r}, "
                                  f"this run asks for {key}={getattr(self.cfg, key)!r}")
         self.model.load_state_dict(ckpt["state_dict"])
+        # the implementation flags are this run's choice, not the saved run's (a GPU run's
+        # fused/capturable Adam resumed on the CPU, or the other way round)
+        flags = [{k: g.get(k) for k in ("fused", "capturable", "foreach")}
+                 for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(self.optimizer.param_groups, flags):
+            group.update(own)
+        if self.graph_step is not None:
+            self.graph_step.reset()
         self.state = TrainState(**ckpt["train_state"])
         if "torch_rng_state" in ckpt:
             torch.set_rng_state(ckpt["torch_rng_state"])
@@ -344,6 +363,12 @@ class Trainer:
         ps, ns = self.net(*self._batch(self.train_set, local))
         loss, local_sum = distributed.distributed_loss(self.cfg.loss, ps, ns, n_real, idx.numel())
         return loss, distributed.global_loss_value(local_sum, idx.numel())
+
+    def _graphed_step(self, idx: torch.Tensor) -> torch.Tensor:
+        """One whole step (forward, loss, backward, Adam) through the CUDA graph, fed with
+        host tensors (checked on the host, so the GPU never waits for a check)."""
+        data = self.train_set
+        return self.graph_step(data.user[idx], data.profile[idx], data.pos[idx], data.neg[idx])
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -446,10 +471,13 @@ class Trainer:
                             self.save(LAST)
                         return self.summary()
                     idx = perm[st.step * bs:(st.step + 1) * bs]
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss, value = self._loss(idx)
-                    loss.backward()
-                    self.optimizer.step()
+                    if self.graph_step is not None:
+                        loss, value = self._graphed_step(idx), None
+                    else:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        loss, value = self._loss(idx)
+                        loss.backward()
+                        self.optimizer.step()
                     value = loss.item() if value is None else value   # the global value: same on all ranks
                     if not math.isfinite(value):
                         raise TrainingDiverged(

@@ -76,9 +76,10 @@ def peaks():
     return None, None
 
 
-def build(backend, feature_dtype, batch_size, on_host=False):
+def build(backend, feature_dtype, batch_size, on_host=False, cuda_graph=False):
     model, data, step = training_setup(backend, feature_dtype, batch_size, dev=DEVICE,
-                                       features_on_host=on_host, sync=False, **SHAPE)
+                                       features_on_host=on_host, sync=False,
+                                       cuda_graph=cuda_graph, **SHAPE)
     if on_host:
         assert model.feature_table.device.type == "cpu"
     return model, data, step
@@ -121,15 +122,24 @@ def essential_work(data, feature_dtype):
 
 
 def run_config(backend, fname, batch_size, precision):
-    """backend: reference | ref-host | triton | tri-host (-host: table in host memory)."""
+    """backend: reference | ref-host | triton | tri-host (-host: table in host memory) |
+    tri-graph (the triton step replayed from a CUDA graph)."""
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     if not SMOKE:
         torch.cuda.empty_cache()
     on_host = backend.endswith("-host")
-    name = {"ref-host": "reference", "tri-host": "triton"}.get(backend, backend)
-    model, data, step = build(name, FEATURES[fname], batch_size, on_host)
-    seconds, host = time_step(step)  # same number of steps everywhere: max|dpos| compares
-    peak = 0 if SMOKE else cuda_step_peak_bytes(step)
+    graph = backend == "tri-graph"
+    name = {"ref-host": "reference", "tri-host": "triton", "tri-graph": "triton"}.get(backend, backend)
+    model, data, step = build(name, FEATURES[fname], batch_size, on_host, graph)
+    if graph and not SMOKE:
+        # the peak of the capturing call: a replay allocates nothing (its memory was set
+        # aside at capture), and the capture allocates what one static step needs
+        step()
+        peak = cuda_step_peak_bytes(step)
+        seconds, host = time_step(step)
+    else:
+        seconds, host = time_step(step)  # same number of steps everywhere: max|dpos| compares
+        peak = 0 if SMOKE else cuda_step_peak_bytes(step)
     with torch.no_grad():
         pos, _ = model(*data)
     return seconds, host, peak, pos.float().cpu(), data
@@ -152,9 +162,9 @@ def main():
         for batch_size in BATCHES:
             for precision in PRECISIONS:
                 base, tutorial = {}, {}
-                backends = ["reference", "triton"]
+                backends = ["reference", "triton", "tri-graph"]
                 if batch_size == BATCHES[0] and precision == "ieee":
-                    backends = ["reference", "ref-host", "triton", "tri-host"]
+                    backends = ["reference", "ref-host", "triton", "tri-host", "tri-graph"]
                 for backend in backends:
                     row = dict(features=fname, batch=batch_size, matmul=precision, backend=backend)
                     try:

@@ -51,11 +51,14 @@ def wikimedia_model(backend: str, feature_dtype: torch.dtype, dev=None, **shape)
 
 def training_setup(backend: str, feature_dtype: torch.dtype, batch: int = 128,
                    compile: bool = False, dev=None, features_on_host: bool = False,
-                   sync: bool = True, **shape):
+                   sync: bool = True, cuda_graph: bool = False, **shape):
     """(model, batch, step): step runs forward, WARP loss, backward and Adam on a fixed batch.
 
     features_on_host keeps the table in host memory (the tutorial's way). sync=True ends
     each CUDA step with a synchronize, for wall-clock timers; CUDA-event timing wants False.
+    cuda_graph (triton backend, CUDA): the step is acf_fast.cuda_graph.GraphedTrainStep,
+    fed with host copies of the batch as a training loop would (one eager warm-up call,
+    then the second call captures; later calls replay).
     """
     dev = dev or device()
     if features_on_host:
@@ -65,6 +68,21 @@ def training_setup(backend: str, feature_dtype: torch.dtype, batch: int = 128,
     else:
         model = wikimedia_model(backend, feature_dtype, dev, **shape)
     data = wikimedia_batch(model, batch=batch)
+    if cuda_graph:
+        from acf_fast.cuda_graph import GraphedTrainStep
+
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5, fused=True,
+                               capturable=True)
+        graphed = GraphedTrainStep(model, opt, warp_loss, warmup=1)
+        host = data.to("cpu")
+
+        def graph_step():
+            loss = graphed(host.user_ids, host.profile_ids, host.pos, host.neg, host.profile_mask)
+            if sync:
+                torch.cuda.synchronize()
+            return loss
+
+        return model, data, graph_step
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
     fwd = torch.compile(model) if compile else model
 
