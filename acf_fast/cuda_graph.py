@@ -37,6 +37,8 @@ use it on the CPU).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from . import backend as _backend
@@ -78,7 +80,9 @@ class GraphedTrainStep:
         """Drop the captured graph (the next full-size batch warms up and captures again)."""
         self._graph = None
         self._loss = None
-        self._inputs = None      # (user_ids, profile_ids, pos, neg, profile_mask) buffers
+        self._inputs = None      # (user_ids, profile_ids, pos, neg, profile_mask) on the device
+        self._staging = None     # the same in pinned host memory, and the event of their copy
+        self._copied = None
         self._warm = 0
         self.replays = 0         # steps run by replaying the graph (for tests and logs)
 
@@ -96,27 +100,55 @@ class GraphedTrainStep:
         batch = (user_ids, profile_ids, pos, neg, profile_mask)
         if not self.capture:
             return self._run(*self._on_device(*batch))
-        if self._inputs is None:
-            self._inputs = tuple(torch.empty(t.shape, dtype=t.dtype, device=self.device)
-                                 for t in batch)
+        if self._inputs is None or (self._graph is None and self._inputs[0].shape[0] != B):
+            # the graph's batch size is the first one that warms it up; a partial batch
+            # arriving first (a resume at an epoch's end) is replaced by the next full one
+            self._allocate(batch)
         if self._inputs[0].shape[0] != B:
             return self._run(*self._on_device(*batch))
-        for buf, t in zip(self._inputs, batch):
-            buf.copy_(t, non_blocking=True)
+        self._load(batch)
         if self._warm < self.warmup:
             self._warm += 1
             return self._on_side_stream(lambda: self._run(*self._inputs))
-        if self._graph is None:
-            self._capture()
+        if self._graph is None and not self._capture():
+            return self._run(*self._inputs)
         self._graph.replay()
         self.replays += 1
         return self._loss
+
+    def _allocate(self, batch) -> None:
+        self._graph, self._loss, self._warm = None, None, 0
+        self._inputs = tuple(torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                             for t in batch)
+        self._staging = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                              for t in batch)
+        self._copied = None
+
+    def _load(self, batch) -> None:
+        """Copy a batch into the graph's inputs. Host tensors go through pinned buffers:
+        a copy from pageable memory would make the host wait for the GPU to finish the
+        previous step, and the host could no longer prepare the next step meanwhile."""
+        if batch[0].device.type != "cpu":
+            for buf, t in zip(self._inputs, batch):
+                buf.copy_(t)
+            return
+        if self._copied is not None:
+            self._copied.synchronize()   # the previous copy out of the staging buffers
+        for stage, t in zip(self._staging, batch):
+            stage.copy_(t)
+        for buf, stage in zip(self._inputs, self._staging):
+            buf.copy_(stage, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
 
     def _on_device(self, *tensors):
         return tuple(t.to(self.device, non_blocking=True) for t in tensors)
 
     def _run(self, user_ids, profile_ids, pos, neg, profile_mask) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
+        # once a graph exists its gradient buffers stay the parameters' .grad: an eager
+        # step accumulates into them (zeroed) instead of replacing them, so .grad keeps
+        # showing the latest step whichever way it ran
+        self.optimizer.zero_grad(set_to_none=self._graph is None)
         loss = self._forward_backward(user_ids, profile_ids, pos, neg, profile_mask)
         self.optimizer.step()
         return loss
@@ -129,20 +161,33 @@ class GraphedTrainStep:
         return loss
 
     def _on_side_stream(self, fn):
+        current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
+        side.wait_stream(current)
         with torch.cuda.stream(side):
             out = fn()
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        current.wait_stream(side)
+        out.record_stream(current)   # made on the side stream, used on this one
         return out
 
-    def _capture(self) -> None:
+    def _capture(self) -> bool:
+        """Capture the step; False (after a one-line notice) when capture fails, and the
+        step then runs eagerly from now on."""
         # gradients start as None so that backward allocates them inside the graph's
         # memory pool: each replay then writes them in place, and the captured
         # optimizer step reads them from there
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            loss = self._forward_backward(*self._inputs)
-            self.optimizer.step()
+        try:
+            with torch.cuda.graph(graph):
+                loss = self._forward_backward(*self._inputs)
+                self.optimizer.step()
+        except RuntimeError as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            print(f"acf_fast: CUDA-graph capture failed ({type(exc).__name__}: {first}); "
+                  "training continues without the graph", file=sys.stderr)
+            self.capture = False
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
         self._graph, self._loss = graph, loss
+        return True

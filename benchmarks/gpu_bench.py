@@ -53,7 +53,7 @@ SMOKE = "--smoke" in sys.argv
 SHAPE = dict(n_items=20, m=4, f=16, d=16) if SMOKE else {}
 DEVICE = torch.device("cpu" if SMOKE else "cuda")
 WARMUP = int(os.environ.get("BENCH_WARMUP", 1 if SMOKE else 3))
-REPS = int(os.environ.get("BENCH_REPS", 2 if SMOKE else 10))  # 20 configs in ~2 min
+REPS = int(os.environ.get("BENCH_REPS", 2 if SMOKE else 10))  # 22 configs in ~2 min
 BATCHES = (8,) if SMOKE else (128, 1024)
 FEATURES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # bf16 first: the target
 PRECISIONS = ("ieee", "tf32")
@@ -160,7 +160,9 @@ def main():
     results = []
     for fname in FEATURES:
         for batch_size in BATCHES:
-            for precision in PRECISIONS:
+            # TF32 at the first batch size only: the B = 1024 rows are the slowest, and
+            # the tri-graph rows had to fit in the same time limit
+            for precision in (PRECISIONS if batch_size == BATCHES[0] else PRECISIONS[:1]):
                 base, tutorial = {}, {}
                 backends = ["reference", "triton", "tri-graph"]
                 if batch_size == BATCHES[0] and precision == "ieee":

@@ -188,10 +188,10 @@ def _graph_twins(dtype=torch.float64, lr=1e-2):
             graphed, torch.optim.Adam(graphed.parameters(), **kw))
 
 
-def _steps(n_full=5, full=5, partial=3):
-    """Host batches: full-size ones of varying width, then a partial one."""
+def _steps(n_full=5, full=5, partial=3, sizes=None):
+    """Host batches of varying width: n_full full-size ones then a partial one (or `sizes`)."""
     template = random_model(n_users=6, n_items=12, m=5, f=24, d=16)
-    sizes = [full] * n_full + [partial]
+    sizes = sizes or [full] * n_full + [partial]
     return [random_batch(template, batch=b, seed=i, max_profile=6, duplicates=True)
             for i, b in enumerate(sizes)]
 
@@ -256,19 +256,28 @@ def test_trainer_option_needs_a_gpu(tmp_path):
 
 
 @cuda_only
-def test_captured_steps_train_like_the_model():
+@pytest.mark.parametrize("deterministic", ["0", "1"])   # index_add_ / sorted index_put_
+def test_captured_steps_train_like_the_model(deterministic, monkeypatch):
     # float64: the eager model runs the exact-shape path, so sums differ in the last bits
     # and Adam would blow float32 differences on near-zero gradients up to lr size
+    monkeypatch.setenv("ACF_FAST_DETERMINISTIC", deterministic)
     eager, opt, graphed, opt_g = _graph_twins(torch.float64)
     step = GraphedTrainStep(graphed, opt_g, warp_loss, warmup=2)
-    _assert_same_training(eager, opt, graphed, step, _steps(n_full=6), 1e-10)
-    assert step.replays == 4   # 2 warm-up steps, 4 replays, 1 eager partial batch
+    # a partial batch first (it must not fix the graph's size), 2 warm-ups, a capture and
+    # 3 more replays, a partial batch run eagerly after the capture, 2 more replays
+    sizes = [3] + [5] * 6 + [3] + [5] * 2
+    _assert_same_training(eager, opt, graphed, step, _steps(sizes=sizes), 1e-10)
+    assert step.replays == 6
+    for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
+        if p.grad is not None:   # .grad shows the last step, replayed or eager
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-10, rtol=1e-10, msg=name)
 
 
 @cuda_only
-def test_static_step_never_synchronises():
+@pytest.mark.parametrize("batch_size", [7, 600])   # torch.sort changes algorithm past 4096
+def test_static_step_never_synchronises(batch_size):
     model = random_model(n_users=6, n_items=40, m=5, f=24, d=16, backend="triton").to(DEVICE)
-    batch = random_batch(model, batch=7, seed=3, lengths=[9, 0, 3, 1, 9, 0, 5], duplicates=True)
+    batch = random_batch(model, batch=batch_size, seed=3, max_profile=9, duplicates=True)
     args = (model, batch.user_ids, batch.profile_ids, batch.pos, batch.neg, batch.profile_mask)
     warp_loss(*triton_backend.static_pair_scores(*args)).backward()   # compile outside
     torch.cuda.synchronize()
@@ -277,3 +286,53 @@ def test_static_step_never_synchronises():
         warp_loss(*triton_backend.static_pair_scores(*args)).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_trainer_graph_steps_follow_the_plain_loop(tmp_path):
+    """The Trainer's graphed loop (host batches -> GraphedTrainStep) against its plain
+    loop. On the CPU the graph step runs eagerly (capture=False) for 3 small steps (the
+    interpreter is slow); on a GPU it captures (`cuda_graph=True`) over a whole epoch: 6
+    full batches of 100 and a partial one of 40."""
+    from acf_fast.cuda_graph import GraphedTrainStep as Step
+    from acf_fast.train import Trainer
+    from conftest import tiny_prepared_dataset
+
+    root = tiny_prepared_dataset(tmp_path)
+    size = dict(batch_size=100) if DEVICE == "cuda" else dict(batch_size=32, max_steps=3,
+                                                              max_profile_size=3)
+    losses = []
+    for graphed in (False, True):
+        extra = dict(device="cuda", cuda_graph=graphed) if DEVICE == "cuda" else {}
+        cfg = tiny_train_config(root, tmp_path / f"run{graphed}", backend="triton", epochs=1,
+                                val_rank_samples=0, **size, **extra)
+        trainer = Trainer(cfg)
+        if graphed and DEVICE == "cpu":
+            trainer.graph_step = Step(trainer.model, trainer.optimizer, trainer.loss_fn,
+                                      capture=False)
+        trainer.fit()
+        losses.append(trainer.step_losses)
+        if graphed and DEVICE == "cuda":
+            assert trainer.graph_step.replays == 3   # 3 warm-up steps, 3 replays, 1 partial
+    assert len(losses[1]) == len(losses[0]) == (7 if DEVICE == "cuda" else 3)
+    # float32 and Adam: the two paths' last-bit differences grow a little step by step
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]),
+                               atol=1e-3, rtol=1e-3)
+
+
+@cuda_only
+def test_a_failed_capture_falls_back_to_eager_steps(capsys):
+    # last in the file: a failed capture is recoverable, but should it leave the CUDA
+    # context in a bad state, no other test runs after it
+    eager, opt, graphed, opt_g = _graph_twins(torch.float64)
+    step = GraphedTrainStep(graphed, opt_g, warp_loss, warmup=1)
+    plain = step._forward_backward
+
+    def reads_back(*args):   # a host read inside the step: capture must fail
+        loss = plain(*args)
+        float(loss)
+        return loss
+
+    step._forward_backward = reads_back
+    _assert_same_training(eager, opt, graphed, step, _steps(n_full=4), 1e-10)
+    assert step.replays == 0 and not step.capture
+    assert "CUDA-graph capture failed" in capsys.readouterr().err
