@@ -100,9 +100,10 @@ class GraphedTrainStep:
         batch = (user_ids, profile_ids, pos, neg, profile_mask)
         if not self.capture:
             return self._run(*self._on_device(*batch))
-        if self._inputs is None or (self._graph is None and self._inputs[0].shape[0] != B):
-            # the graph's batch size is the first one that warms it up; a partial batch
-            # arriving first (a resume at an epoch's end) is replaced by the next full one
+        if self._inputs is None or (self._graph is None and self._inputs[0].shape[0] < B):
+            # the graph's batch size is the largest seen before the capture: a partial
+            # batch arriving first (a resume at an epoch's end) gives way to the next full
+            # one, and smaller batches never restart the warm-up (they run eagerly)
             self._allocate(batch)
         if self._inputs[0].shape[0] != B:
             return self._run(*self._on_device(*batch))
@@ -178,11 +179,16 @@ class GraphedTrainStep:
         # optimizer step reads them from there
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream(self.device)
         try:
             with torch.cuda.graph(graph):
                 loss = self._forward_backward(*self._inputs)
                 self.optimizer.step()
         except RuntimeError as exc:
+            # torch.cuda.graph does not restore the caller's stream when ending an
+            # invalidated capture raises: without this every later step would run on
+            # the capture's side stream
+            torch.cuda.set_stream(stream)
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             print(f"acf_fast: CUDA-graph capture failed ({type(exc).__name__}: {first}); "
                   "training continues without the graph", file=sys.stderr)

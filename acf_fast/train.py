@@ -126,8 +126,9 @@ class TrainConfig:
         if self.num_threads is not None and self.num_threads < 0:
             raise ValueError(f"threads must be >= 1 (or 0 / unset for torch's default), "
                              f"got {self.num_threads}")
-        check_device(self.device)
-        if self.cuda_graph and not str(self.device).startswith("cuda"):
+        dev = check_device(self.device)
+        if self.cuda_graph and (dev.type if dev is not None else
+                                "cuda" if torch.cuda.is_available() else "cpu") != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA device, got device={self.device!r}")
 
 
@@ -333,6 +334,13 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         for group, own in zip(self.optimizer.param_groups, flags):
             group.update(own)
+            if group.get("fused") or group.get("capturable"):
+                # load_state_dict placed the step counts by the *saved* flags: a CPU run's
+                # stay on the host, where fused / capturable Adam cannot count them
+                for p in group["params"]:
+                    state = self.optimizer.state.get(p, {})
+                    if torch.is_tensor(state.get("step")):
+                        state["step"] = state["step"].to(p.device, torch.float32)
         if self.graph_step is not None:
             self.graph_step.reset()
         self.state = TrainState(**ckpt["train_state"])

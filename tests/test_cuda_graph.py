@@ -58,20 +58,26 @@ def test_static_batch_matches_the_exact_one_padded(rows, capacity):
     assert (static.item_start[U:] == ids.numel() + 1).all()   # no slots past the live items
 
 
-def test_reduction_kernels_skip_the_dead_items():
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_reduction_kernels_skip_the_dead_items(splits, monkeypatch):
     """r of the items past the live count is exactly 0 (so that products with it stay
-    finite); dW_red reads the live items' rows only, whatever dr holds past them."""
+    finite); dW_red reads the live items' rows only, whatever dr holds past them, also
+    when its rows are split over several programs (as on a GPU)."""
+    from acf_fast.kernels import reduce as rd
     from acf_fast.kernels.reduce import reduce_items, reduce_weight_grad
 
+    monkeypatch.setattr(rd, "wgrad_splits", lambda *args: splits)
+
     g = torch.Generator().manual_seed(0)
-    table = torch.randn(9, 3, 20, generator=g).to(DEVICE)
+    # M = 20: 140 rows, 60 of them live, so that with 5 splits the live rows span several
+    table = torch.randn(9, 20, 20, generator=g).to(DEVICE)
     w, b = torch.randn(16, 20, generator=g).to(DEVICE), torch.randn(16, generator=g).to(DEVICE)
     ids = torch.tensor([4, 1, 7, 0, 0, 0, 0], device=DEVICE)  # 3 live, then padding
     count = torch.tensor([3], dtype=torch.int32, device=DEVICE)
     r = reduce_items(table, ids, w, b, count)
     torch.testing.assert_close(r[:3], reduce_items(table, ids[:3], w, b))
     assert (r[3:] == 0).all()
-    dr = torch.randn(7, 3, 16, generator=g).to(DEVICE)   # nonzero past the live rows
+    dr = torch.randn(7, 20, 16, generator=g).to(DEVICE)   # nonzero past the live rows
     torch.testing.assert_close(reduce_weight_grad(table, ids, dr, count),
                                reduce_weight_grad(table, ids[:3], dr[:3]))
 
@@ -240,7 +246,7 @@ def test_what_cannot_be_graphed_is_refused():
         GraphedTrainStep(model, opt, warp_loss)
     model.backend = "triton"
     with pytest.raises(ValueError, match="warmup must be an int >= 1"):
-        GraphedTrainStep(model, opt, warp_loss, warmup=0)
+        GraphedTrainStep(model, opt, warp_loss, warmup=0, capture=False)
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="capture=True needs the model on a CUDA device"):
             GraphedTrainStep(model, opt, warp_loss, capture=True)
@@ -317,6 +323,30 @@ def test_trainer_graph_steps_follow_the_plain_loop(tmp_path):
     # float32 and Adam: the two paths' last-bit differences grow a little step by step
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]),
                                atol=1e-3, rtol=1e-3)
+
+
+@cuda_only
+def test_a_cpu_run_resumes_on_the_gpu_with_the_graph(tmp_path):
+    """A CPU checkpoint's Adam step counts are host tensors: the GPU run's fused,
+    capturable Adam needs them on the device (else the graph would freeze them)."""
+    import math
+
+    from acf_fast.train import Trainer
+    from conftest import tiny_prepared_dataset
+
+    root = tiny_prepared_dataset(tmp_path)
+    common = dict(epochs=1, batch_size=100, val_rank_samples=0)
+    Trainer(tiny_train_config(root, tmp_path / "run", max_steps=2, **common)).fit()
+    gpu = Trainer(tiny_train_config(root, tmp_path / "run", backend="triton", device="cuda",
+                                    cuda_graph=True, **common))
+    assert gpu.resume()
+    steps = [state["step"] for state in gpu.optimizer.state.values()]
+    assert steps and all(t.device.type == "cuda" for t in steps)
+    gpu.fit()
+    # 5 steps left: 3 warm-ups, the capture and its replay, the partial batch eagerly
+    assert gpu.state.finished and len(gpu.step_losses) == 5
+    assert all(math.isfinite(v) for v in gpu.step_losses) and gpu.graph_step.replays == 1
+    assert all(float(t) == 7 for t in steps)
 
 
 @cuda_only
