@@ -18,8 +18,8 @@ export TRITON_DEFAULT_FP_FUSION=1      # newer triton warns when unset; same def
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 LOGS="${OUT:-${TMPDIR:-/tmp}/acf_gpu_check}"
 mkdir -p "$LOGS"
-TEST_LIMIT="${TEST_LIMIT:-120}"
-BENCH_LIMIT="${BENCH_LIMIT:-150}"
+TEST_LIMIT="${TEST_LIMIT:-140}"
+BENCH_LIMIT="${BENCH_LIMIT:-140}"
 status=0
 start=$SECONDS
 

@@ -299,6 +299,7 @@ def test_trainer_graph_steps_follow_the_plain_loop(tmp_path):
     loop. On the CPU the graph step runs eagerly (capture=False) for 3 small steps (the
     interpreter is slow); on a GPU it captures (`cuda_graph=True`) over a whole epoch: 6
     full batches of 100 and a partial one of 40."""
+    pytest.importorskip("h5py")   # the tiny dataset's feature file (maybe absent on a GPU box)
     from acf_fast.cuda_graph import GraphedTrainStep as Step
     from acf_fast.train import Trainer
     from conftest import tiny_prepared_dataset
@@ -331,6 +332,7 @@ def test_a_cpu_run_resumes_on_the_gpu_with_the_graph(tmp_path):
     capturable Adam needs them on the device (else the graph would freeze them)."""
     import math
 
+    pytest.importorskip("h5py")
     from acf_fast.train import Trainer
     from conftest import tiny_prepared_dataset
 
