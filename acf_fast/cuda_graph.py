@@ -22,10 +22,12 @@ nothing is read back to the host and every shape is fixed by (B, P):
         loss = step(user_ids, profile_ids, pos, neg)       # 0-dim tensor on the GPU
 
 Every call is exactly one training step on its own batch, graphed or not: the first
-`warmup` calls run eagerly (on a side stream, as capture requires: lazy cuBLAS and
-Triton initialisation happen there), the next call captures the step and replays it,
-and later calls with the same batch size replay. A batch of another size (an epoch's
-last, partial batch) or a wider profile runs eagerly on the same static path.
+`warmup` calls of the graph's batch size (the largest seen before the capture) run
+eagerly, on a side stream as capture requires (lazy cuBLAS and Triton initialisation
+happen there); the next one captures the step and replays it, and later calls of that
+size replay. A smaller batch (an epoch's last, partial one) or a wider profile runs
+eagerly on the same static path; a capture that fails prints one line and leaves
+every step eager.
 
 What a replay cannot see (it re-runs what was recorded): new optimizer
 hyper-parameters (a learning-rate schedule needs a tensor lr), replaced parameter or
