@@ -14,8 +14,9 @@ user at once:
 
 `Batch` carries the batch's distinct items, built once by the caller with plain torch
 ops: exactly U of them (torch.unique, one host sync for its size), or a static
-capacity with the live count in device memory (no sync: a CUDA graph can hold it). Gradients of the embedding tables
-are scatter-adds done here with torch; see `scatter_rows` for determinism.
+capacity with the live count in device memory (no sync: a CUDA graph can hold it).
+Gradients of the embedding tables are scatter-adds done here with torch; see
+`scatter_rows` for determinism.
 
 Host cost: with the reduction on tensor cores, a B = 128 step is a few hundred
 microseconds of GPU work, less than the host needs to issue it (an H200 run measured
@@ -77,24 +78,23 @@ def distinct_items(profile_ids: torch.Tensor, profile_mask: torch.Tensor,
         unique, inverse, counts = torch.unique(ids, sorted=True, return_inverse=True,
                                                return_counts=True)
         order = torch.argsort(inverse, stable=True)
-        return Batch(item_ids=unique[1:],
-                     slot_item=(inverse[1:] - 1).to(torch.int32).view(B, P),
-                     item_start=counts.cumsum(0).to(torch.int32),
-                     slot_order=(order - 1).to(torch.int32))
-    sorted_ids, order = torch.sort(ids, stable=True)
-    first = torch.ones_like(sorted_ids, dtype=torch.bool)
-    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    group = first.cumsum(0) - 1                      # distinct-item number, 0 = padding
-    inverse = torch.empty_like(group).scatter_(0, order, group)
-    # every element of a group holds the same id: whichever write lands, the value is right
-    unique = ids.new_zeros(capacity + 1).scatter_(0, group, sorted_ids)
-    counts = torch.zeros(capacity + 1, dtype=torch.int32, device=ids.device)
-    counts.scatter_add_(0, group, torch.ones_like(group, dtype=torch.int32))
+        live = None
+    else:
+        sorted_ids, order = torch.sort(ids, stable=True)
+        first = torch.ones_like(sorted_ids, dtype=torch.bool)
+        first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+        group = first.cumsum(0) - 1                  # distinct-item number, 0 = padding
+        inverse = torch.empty_like(group).scatter_(0, order, group)
+        # every element of a group holds the same id: whichever write lands, it is right
+        unique = ids.new_zeros(capacity + 1).scatter_(0, group, sorted_ids)
+        counts = torch.zeros(capacity + 1, dtype=torch.int32, device=ids.device)
+        counts.scatter_add_(0, group, torch.ones_like(group, dtype=torch.int32))
+        live = group[-1:].to(torch.int32)
     return Batch(item_ids=unique[1:],
                  slot_item=(inverse[1:] - 1).to(torch.int32).view(B, P),
                  item_start=counts.cumsum(0).to(torch.int32),
                  slot_order=(order - 1).to(torch.int32),
-                 item_count=group[-1:].to(torch.int32))
+                 item_count=live)
 
 
 def compact_table(table: torch.Tensor, batch: Batch, device: torch.device):

@@ -149,8 +149,8 @@ def _backward(ctx, g_user, g_pos, g_neg, *_unused):
     g_pos = user.new_zeros(user.shape[:1]) if g_pos is None else g_pos
     g_neg = user.new_zeros(user.shape[:1]) if g_neg is None else g_neg
     grads = triton_backward(g_user, g_pos, g_neg, table, item_ids, slot_item, item_start,
-                            slot_order, item_count, user_ids, profile_ids, pos, neg, list(weights), user,
-                            alpha, r, xbar, pre, ctx.with_scores)
+                            slot_order, item_count, user_ids, profile_ids, pos, neg,
+                            list(weights), user, alpha, r, xbar, pre, ctx.with_scores)
     return (None,) * 10 + (list(grads), None, None)
 
 
