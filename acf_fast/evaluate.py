@@ -34,11 +34,6 @@ PROTOCOLS = {"tutorial": IDEAL_HITS, "standard": IDEAL_MIN_N_K}
 HISTORY_BINS = (1, 3, 6, 11, 21, 51, 101)   # bin edges on the number of training items
 
 
-def _columns(model: ACF, items: torch.Tensor) -> torch.Tensor:
-    """Catalogue column of each item id (-1 for padding / ids outside the catalogue)."""
-    return catalogue_columns(model.all_items, items)
-
-
 def catalogue_scores(model: ACF, users: torch.Tensor, profiles: torch.Tensor) -> torch.Tensor:
     """[B, N] scores of every catalogue item (column c = model.all_items[c]) in one batched call."""
     return model.recommend_all(users, profiles)
@@ -54,13 +49,13 @@ def rank_targets(model: ACF, users, profiles, targets, exclude=None, scores=None
     if scores is None:
         scores = catalogue_scores(model, users, profiles)
     scores = scores.clone()
-    tcols = _columns(model, targets)
+    tcols = catalogue_columns(model.all_items, targets)
     if (tcols[targets > 0] < 0).any():
         bad = targets[(targets > 0) & (tcols < 0)][0]
         raise ValueError(f"target item id {int(bad)} is not in the model's catalogue")
     tscore = scores.gather(1, tcols.clamp(min=0))
     if exclude is not None:
-        ecols = _columns(model, exclude)
+        ecols = catalogue_columns(model.all_items, exclude)
         rows = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(ecols)
         keep = ecols >= 0
         scores[rows[keep], ecols[keep]] = float("-inf")
@@ -139,7 +134,7 @@ def evaluate_groups(model: ACF, groups: EvaluationGroups, history: UserHistory |
             else:
                 excl = torch.from_numpy(train_items).to(device)
                 ranks = rank_targets(model, users, prof_in, targets, exclude=excl, scores=scores)
-                n_cand = n_items - (_columns(model, excl) >= 0).sum(1).cpu().numpy()
+                n_cand = n_items - (catalogue_columns(model.all_items, excl) >= 0).sum(1).cpu().numpy()
             per[p].append(ranking_metrics(ranks.cpu().numpy(), n_t, n_cand, ks, PROTOCOLS[p]))
         bar.update(idx.size)
     bar.close()

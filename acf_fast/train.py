@@ -622,15 +622,6 @@ class Trainer:
                 "backend": self.model.resolved_backend(), "already_complete": self.complete_reason}
 
 
-@torch.no_grad()
-def profile_excluded_ranks(model: ACF, users, profiles, targets) -> torch.Tensor:
-    """0-based rank of each target among all catalogue items, less the profile items ranked above it
-    (the tutorial protocol). users [B], profiles [B, P], targets [B, L] (0 = padding -> rank -1)."""
-    from .evaluate import rank_targets
-
-    return rank_targets(model, users, profiles, targets, exclude=profiles)
-
-
 def train(config: TrainConfig | None = None, resume: bool = False, **kwargs) -> dict:
     """Train (or resume) and return a summary; kwargs fill a TrainConfig.
 
