@@ -40,6 +40,7 @@ demo: $(BUILT)
 
 # The CMake build of the same extension runs in every test run so it never rots.
 cmake-build: $(DEPS)
+	@mkdir -p build
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
 	  -DPython3_EXECUTABLE=$(abspath $(PY)) > build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
 	cmake --build build/cmake >> build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)

@@ -5,7 +5,7 @@ sources where there is. Knobs:
   FORCE_CUDA=1            build the CUDA sources even without a visible GPU
   ACF_FAST_SKIP_EXT=1     pure-Python install (the cpu backend is then unavailable)
   TORCH_CUDA_ARCH_LIST    as usual for torch extensions (default here: 8.0;9.0)
-  DEBUG=1                 -O0 -g
+  DEBUG=1                 -O0 -g (release builds carry no debug info: -g0, stripped at link)
   MAX_JOBS                parallel compile jobs (default: number of cores)
 """
 
@@ -16,6 +16,10 @@ import os
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The extension uses only the stable C API (PyModule_Create; the ops go through the torch
+# dispatcher), so one abi3 build serves every CPython from this version on; the wheel's
+# tag says the same (bdist_wheel py_limited_api below).
+LIMITED_API = (3, 10)
 
 
 def source_hash(paths):
@@ -45,8 +49,12 @@ def ext_modules():
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     debug = os.environ.get("DEBUG") == "1"
     digest = source_hash(cpp + cu + headers)
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-fopenmp", f"-DACF_SOURCE_HASH=\"{digest}\"", "-DPy_LIMITED_API=0x030b0000"]
+    # Python's own CFLAGS often carry -g: without -g0 and a stripping link the extension is
+    # 6.6 MB of debug info around 0.2 MB of code.
+    cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    link = ["-fopenmp"] if debug else ["-fopenmp", "-Wl,--strip-debug"]
+    api = "0x{:02x}{:02x}0000".format(*LIMITED_API)
+    cxx += ["-fopenmp", f"-DACF_SOURCE_HASH=\"{digest}\"", f"-DPy_LIMITED_API={api}"]
     use_cuda = bool(cu) and (os.environ.get("FORCE_CUDA") == "1" or
                              (ce.CUDA_HOME is not None and _torch_has_cuda()))
     if use_cuda:
@@ -55,10 +63,10 @@ def ext_modules():
             "acf_fast._C", cpp + cu,
             extra_compile_args={"cxx": cxx + ["-DACF_WITH_CUDA"],
                                 "nvcc": ["-O3", "-DACF_WITH_CUDA", f"-DACF_SOURCE_HASH=\"{digest}\""]},
-            extra_link_args=["-fopenmp"], py_limited_api=True)
+            extra_link_args=link, py_limited_api=True)
     else:
         ext = ce.CppExtension("acf_fast._C", cpp, extra_compile_args={"cxx": cxx},
-                              extra_link_args=["-fopenmp"], py_limited_api=True)
+                              extra_link_args=link, py_limited_api=True)
     return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
 
 
@@ -75,15 +83,17 @@ setup(
     description="Attentive Collaborative Filtering (VisRec tutorial) with fused Triton/C++ kernels",
     packages=find_packages(include=["acf_fast", "acf_fast.*"]) + ["acf_fast.kernels"],
     package_dir={"acf_fast.kernels": "kernels"},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "h5py", "tqdm"],
+    python_requires=">=%d.%d" % LIMITED_API,
+    # matplotlib and Pillow: the README's commands (demo, synth, evaluate, explain) draw
+    # figures and item images, so a plain `pip install` must be able to run them.
+    install_requires=["torch>=2.4", "numpy", "h5py", "tqdm", "matplotlib", "pillow"],
     extras_require={
         "triton": ["triton"],
-        "plots": ["matplotlib", "pillow"],
-        "extract": ["torchvision", "pillow"],
+        "extract": ["torchvision"],
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
     },
     entry_points={"console_scripts": ["acf-fast=acf_fast.cli:main"]},
     ext_modules=modules,
     cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp%d%d" % LIMITED_API}} if modules else {},
 )

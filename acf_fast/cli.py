@@ -201,6 +201,10 @@ def run(args) -> int:
     from .distributed import is_main
 
     cmd = args.command
+    if getattr(args, "device", None) is not None:
+        from .devices import check_device
+
+        check_device(args.device)      # one line for every subcommand, before any work
     if cmd == "synth":
         from .data.synth import synth
 

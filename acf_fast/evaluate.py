@@ -207,7 +207,9 @@ def evaluate(checkpoint, data_dir, out_dir=None, features=None, ks=KS,
 def load_model(checkpoint, features, backend, device, n_users=None, n_items=None) -> ACF:
     """A trained model, checked against the dataset it is about to be evaluated on."""
     from .checkpoint import read_checkpoint
+    from .devices import check_device
 
+    check_device(device)
     ckpt = read_checkpoint(checkpoint)
     state = ckpt["state_dict"]
     # before building the model: a checkpoint of another dataset would otherwise fail on
@@ -246,12 +248,17 @@ def write_report(report: dict, out: Path, plot: bool = True) -> dict:
     (out / "metrics.txt").write_text(report["table"] + "\n" + report.get("table_extra", "") + "\n")
     paths = {"json": str(out / "metrics.json"), "csv": str(out / "metrics.csv")}
     if plot and report["by_history_size"]:
-        from .plots import plot_metrics_by_size
+        from .plots import MissingPlotting, plot_metrics_by_size
 
-        paths["png"] = str(plot_metrics_by_size(report["by_history_size"], out / "metrics_by_history_size.png",
-                                                "training-history size (items)"))
-        paths["png_profile"] = str(plot_metrics_by_size(report["by_profile_size"],
-                                                        out / "metrics_by_profile_size.png",
-                                                        "profile size (items)"))
+        try:
+            paths["png"] = str(plot_metrics_by_size(report["by_history_size"],
+                                                    out / "metrics_by_history_size.png",
+                                                    "training-history size (items)"))
+            paths["png_profile"] = str(plot_metrics_by_size(report["by_profile_size"],
+                                                            out / "metrics_by_profile_size.png",
+                                                            "profile size (items)"))
+        except MissingPlotting as exc:
+            # the metrics are written; the figures are a convenience, not a reason to fail
+            print(f"acf-fast: figures skipped ({exc})", file=sys.stderr)
     report["files"] = paths
     return paths

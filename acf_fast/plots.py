@@ -1,8 +1,12 @@
-"""Figures (matplotlib, an optional extra: `pip install acf_fast[plots]`)."""
+"""Figures (matplotlib, a dependency of the package; an install without it skips them)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+
+class MissingPlotting(RuntimeError):
+    """matplotlib is not importable (an install made with --no-deps)."""
 
 
 def pyplot():
@@ -10,8 +14,8 @@ def pyplot():
     try:
         import matplotlib
     except ImportError as exc:
-        raise RuntimeError("figures need matplotlib: pip install matplotlib pillow "
-                           "(or acf_fast[plots]); pass --no-plot to skip them") from exc
+        raise MissingPlotting("figures need matplotlib: pip install matplotlib pillow; "
+                              "pass --no-plot to skip them") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -63,6 +63,7 @@ from . import distributed
 from .checkpoint import make_checkpoint, read_checkpoint
 from .data.formats import TripletSet, read_triplets
 from .data.sampling import load_manifest
+from .devices import check_device
 from .losses import get_loss
 from .metrics import ranking_metrics
 from .model import ACF
@@ -130,33 +131,6 @@ class TrainConfig:
         if self.cuda_graph and (dev.type if dev is not None else
                                 "cuda" if torch.cuda.is_available() else "cpu") != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA device, got device={self.device!r}")
-
-
-def check_device(device) -> torch.device | None:
-    """`device` as a torch.device, or ValueError when this machine cannot use it."""
-    if device is None:                   # "CUDA if available" (acf_fast.distributed)
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(f"invalid device {device!r} ({exc}); use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
-            raise ValueError(f"device {device!r} requested but this torch ({torch.__version__}) has no "
-                             "CUDA support; use --device cpu or install a CUDA build of torch")
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but no GPU is visible (torch.cuda.is_available() "
-                             "is False: check the driver and CUDA_VISIBLE_DEVICES); use --device cpu")
-        count = torch.cuda.device_count()
-        # under torchrun the index is replaced by LOCAL_RANK (acf_fast.distributed)
-        if dev.index is not None and dev.index >= count and not distributed.launched_distributed():
-            raise ValueError(f"device {device!r} requested but only {count} GPU(s) are visible")
-    elif dev.type != "cpu":
-        try:
-            torch.empty(0, device=dev)
-        except Exception as exc:
-            raise ValueError(f"device {device!r} is not usable here ({type(exc).__name__}: {exc})") from None
-    return dev
 
 
 class TrainingDiverged(ValueError):

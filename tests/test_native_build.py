@@ -62,3 +62,16 @@ def test_cmake_build_loads_and_registers_the_ops():
     out = subprocess.run([sys.executable, "-c", code, libs[0]], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "cmake"
+
+
+@needs_ext
+def test_release_build_carries_no_debug_info():
+    """The wheel ships the extension as built: -g0 and a stripping link keep it ~0.2 MB
+    (Python's CFLAGS carry -g, which made it 6.6 MB of DWARF)."""
+    from acf_fast import _C
+
+    with open(_C.__file__, "rb") as fh:
+        image = fh.read()
+    assert b".debug_info" not in image, f"{_C.__file__} carries debug info ({len(image)} bytes)"
+    assert _C.__file__.endswith(".abi3.so")
+

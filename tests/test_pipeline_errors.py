@@ -200,3 +200,50 @@ def test_max_steps_mid_epoch_keeps_a_resumable_last_checkpoint(tmp_path, tiny, c
     printed = capsys.readouterr().out
     assert "no epoch finished yet, so no best.pt; checkpoints: " + str(out / "last.pt") in printed
     assert (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+
+# ---------------------------------------------------------------------------- devices
+def _unusable_cuda():
+    import torch
+
+    return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+
+
+@pytest.mark.parametrize("command", ["evaluate", "recommend", "explain", "train", "demo"])
+def test_unusable_device_is_one_line_for_every_subcommand(tiny, tmp_path, capsys, command):
+    root, _ = tiny
+    args = {"evaluate": ["evaluate", str(root / "run" / "last.pt"), str(root / "prep")],
+            "recommend": ["recommend", str(root / "run" / "last.pt"), str(root / "prep")],
+            "explain": ["explain", str(root / "run" / "last.pt"), str(root / "prep"), "--user", "0",
+                        "--out", str(tmp_path / "e.png")],
+            "train": ["train", str(root / "prep"), str(tmp_path / "run")],
+            "demo": ["demo", "--out", str(tmp_path / "demo")]}[command]
+    device = _unusable_cuda()
+    assert cli_main(args + ["--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("acf-fast: error:") and repr(device) in err[0], err
+    assert not (tmp_path / "e.png").exists() and not (tmp_path / "run").exists()
+
+
+def test_library_loader_checks_the_device(tiny):
+    from acf_fast.evaluate import load_model
+
+    root, s = tiny
+    with pytest.raises(ValueError, match="use --device cpu|GPU\\(s\\) are visible"):
+        load_model(root / "run" / "last.pt", s["features_h5"], "auto", _unusable_cuda())
+
+
+def test_evaluate_without_matplotlib_writes_metrics_and_skips_figures(tiny, tmp_path, capsys,
+                                                                      monkeypatch):
+    import acf_fast.plots as plots
+
+    def missing():
+        raise plots.MissingPlotting("figures need matplotlib: pip install matplotlib pillow")
+
+    monkeypatch.setattr(plots, "pyplot", missing)
+    root, _ = tiny
+    assert cli_main(["evaluate", str(root / "run" / "last.pt"), str(root / "prep"),
+                     "--out", str(tmp_path / "ev")]) == 0
+    assert (tmp_path / "ev" / "metrics.json").exists()
+    assert not list((tmp_path / "ev").glob("*.png"))
+    assert "figures skipped" in capsys.readouterr().err
