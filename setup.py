@@ -92,7 +92,7 @@ setup(
         "extract": ["torchvision"],
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
     },
-    entry_points={"console_scripts": ["acf-fast=acf_fast.cli:main"]},
+    entry_points={"console_scripts": ["acf-fast=acf_fast.pipeline.cli:main"]},
     ext_modules=modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp%d%d" % LIMITED_API}} if modules else {},

@@ -8,7 +8,7 @@ What each piece is for, and the choices made:
   WORLD_SIZE unset or 1 it starts nothing and everything below degrades to the
   single-process behaviour, so callers need no `if distributed:` branches.
 
-- Epoch semantics. Single-process training (acf_fast.train) walks a seeded
+- Epoch semantics. Single-process training (acf_fast.training.trainer) walks a seeded
   permutation of ALL triplets in global batches of `batch_size`. Distributed
   training walks the very same permutation and the same global batches; global
   batch b is cut into `world_size` contiguous micro-batches (`torch.tensor_split`:
@@ -68,7 +68,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .losses import get_loss, sigmoid_loss
+from .model.losses import get_loss, sigmoid_loss
 
 TIMEOUT_ENV = "ACF_FAST_DIST_TIMEOUT_S"
 BACKEND_ENV = "ACF_FAST_DIST_BACKEND"   # e.g. gloo: several ranks sharing one GPU (tests), no NCCL
@@ -257,7 +257,7 @@ def split_global_batch(batch_idx: torch.Tensor, rank: int, world_size: int) -> t
 class DistributedBatchSampler:
     """The single-process epoch order, shared out by rank.
 
-    Epoch e is `permutation(n, seed, e)` (default: acf_fast.train.epoch_permutation),
+    Epoch e is `permutation(n, seed, e)` (default: acf_fast.training.trainer.epoch_permutation),
     cut into ceil(n / batch_size) global batches; `local(e, step)` is this rank's
     piece of global batch `step` (see `split_global_batch`). With one process it is
     the whole global batch.
@@ -273,7 +273,7 @@ class DistributedBatchSampler:
         self.rank = ctx.rank if rank is None else int(rank)
         self.world_size = ctx.world_size if world_size is None else int(world_size)
         if permutation is None:
-            from .train import epoch_permutation as permutation
+            from .training.trainer import epoch_permutation as permutation
         self.permutation = permutation
         self._perm_epoch, self._perm = None, None
 
@@ -431,7 +431,7 @@ def prepare_feature_cache(path, dtype: torch.dtype = torch.float32) -> None:
     ctx = context()
     if not ctx.is_distributed:
         return
-    from .features import load_feature_table
+    from .model.features import load_feature_table
 
     def build() -> str | None:
         try:
@@ -454,7 +454,7 @@ def prepare_feature_cache(path, dtype: torch.dtype = torch.float32) -> None:
 def save_on_main(checkpoint: dict | Callable[[], dict], path) -> Path:
     """Rank 0 writes `checkpoint` (a dict, or a function building it, so other ranks do not
     even copy the state) atomically to `path`; every rank then waits for it."""
-    from .checkpoint import save_checkpoint
+    from .model.checkpoint import save_checkpoint
 
     path = Path(path)
     error = None

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from .model import ACF
+from .model.acf import ACF
 
 
 class Batch(NamedTuple):

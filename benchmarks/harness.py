@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from acf_fast.losses import warp_loss
+from acf_fast.model.losses import warp_loss
 from acf_fast.testing import random_features, random_model, wikimedia_batch
 
 # SPEC.md "Cost": B = 128, P <= 9 (lengths 0..9), M = 49, F = 2048, D = 128; 1,000 items.
@@ -56,7 +56,7 @@ def training_setup(backend: str, feature_dtype: torch.dtype, batch: int = 128,
 
     features_on_host keeps the table in host memory (the tutorial's way). sync=True ends
     each CUDA step with a synchronize, for wall-clock timers; CUDA-event timing wants False.
-    cuda_graph (triton backend, CUDA): the step is acf_fast.cuda_graph.GraphedTrainStep,
+    cuda_graph (triton backend, CUDA): the step is acf_fast.training.cuda_graph.GraphedTrainStep,
     fed with host copies of the batch as a training loop would (one eager warm-up call,
     then the second call captures; later calls replay).
     """
@@ -69,7 +69,7 @@ def training_setup(backend: str, feature_dtype: torch.dtype, batch: int = 128,
         model = wikimedia_model(backend, feature_dtype, dev, **shape)
     data = wikimedia_batch(model, batch=batch)
     if cuda_graph:
-        from acf_fast.cuda_graph import GraphedTrainStep
+        from acf_fast.training.cuda_graph import GraphedTrainStep
 
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5, fused=True,
                                capturable=True)

@@ -50,7 +50,7 @@ def test_train_step_peak_memory(dtype):
 CATALOGUE = 33_000      # the Wikimedia catalogue has 32,958 items
 USERS = 1_000
 PROFILE = 10            # the tutorial's evaluation profile: the user's last 10 training items
-USER_BLOCK = 250        # users per batched recommend_all call (as acf_fast.evaluate blocks them)
+USER_BLOCK = 250        # users per batched recommend_all call (as acf_fast.evaluation.evaluate blocks them)
 REFERENCE_SAMPLE = 40   # users timed one at a time for the reference; the time is scaled up
 
 

@@ -26,7 +26,7 @@ zero-fill gradients for outputs that never get one (see acf_fast.backends.triton
 A host-resident table (`compact_table`) adds one gather and one copy of the batch's
 distinct items.
 
-CUDA graphs (acf_fast.cuda_graph): with `distinct_items(..., capacity=C)` every shape
+CUDA graphs (acf_fast.training.cuda_graph): with `distinct_items(..., capacity=C)` every shape
 is fixed by (B, P, C) and nothing is read back, so the whole step can be captured and
 replayed for the cost of one launch. The price of the static shape is small: the two
 reduction kernels read the live count and skip the dead items' rows (their r is 0,

@@ -18,7 +18,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.manual_seed(0)
 
-# ACF_FAST_BACKEND overrides every explicit backend= (acf_fast.backend.resolve): left in
+# ACF_FAST_BACKEND overrides every explicit backend= (acf_fast.backends.registry.resolve): left in
 # the environment, a "cpu against reference" test would compare one backend with itself.
 BACKEND_OVERRIDE = "ACF_FAST_BACKEND"
 
@@ -55,7 +55,7 @@ def missing_backends() -> list[str]:
 def require_triton_runnable() -> None:
     """At the top of a Triton test module: skip it where Triton cannot run (no CUDA
     device, no TRITON_INTERPRET=1), or fail it when ACF_FAST_REQUIRE_BACKENDS is set."""
-    from acf_fast.backend import triton_interpreter_on
+    from acf_fast.backends.registry import triton_interpreter_on
 
     if torch.cuda.is_available() or triton_interpreter_on():
         return
@@ -115,7 +115,7 @@ def tiny_prepared_dataset(root):
 def tiny_train_config(root, out, **overrides):
     """A TrainConfig for tiny_prepared_dataset(root): 5 steps per epoch of 128, 2 epochs,
     the reference backend, no early stopping, no progress bars."""
-    from acf_fast.train import TrainConfig
+    from acf_fast.training.trainer import TrainConfig
 
     base = dict(data_dir=str(root / "prep"), out_dir=str(out), epochs=2, model_dim=16, lr=1e-2,
                 patience=0, progress=False, backend="reference", val_rank_samples=32)

@@ -1,1 +1,1 @@
-"""Implementations of ACF's hot path; `acf_fast.backend` chooses among them."""
+"""Implementations of ACF's hot path; `acf_fast.backends.registry` chooses among them."""

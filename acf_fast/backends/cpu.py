@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import cpu_ops
-from ..reference import score
-from ..weights import ACFWeights
+from . import cpu_ops
+from ..model.reference import score
+from ..model.weights import ACFWeights
 
 
 def _slot_items(profile_ids: torch.Tensor, profile_mask: torch.Tensor):

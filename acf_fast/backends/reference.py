@@ -1,5 +1,5 @@
-"""The reference backend: the tutorial's module code (see acf_fast.reference)."""
+"""The reference backend: the tutorial's module code (see acf_fast.model.reference)."""
 
-from ..reference import pair_scores, user_vectors
+from ..model.reference import pair_scores, user_vectors
 
 __all__ = ["pair_scores", "user_vectors"]

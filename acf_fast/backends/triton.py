@@ -36,7 +36,7 @@ import sys
 
 import torch
 
-from ..weights import ACFWeights
+from ..model.weights import ACFWeights
 
 try:
     import triton  # noqa: F401
@@ -160,7 +160,7 @@ triton_forward.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------ backend contract
 
 def _check_device(device: torch.device) -> None:
-    from ..backend import triton_interpreter_on
+    from .registry import triton_interpreter_on
 
     if device.type != "cuda" and not triton_interpreter_on():
         raise RuntimeError("the triton backend runs on CUDA tensors, or on CPU tensors with "
@@ -183,7 +183,7 @@ def fused_acf(weights: ACFWeights, table: torch.Tensor, user_ids, profile_ids, p
     static_shapes=True: no value is read back to the host and every shape follows from
     the inputs' shapes (the distinct items padded to min(B * P, N), see
     fused.distinct_items), so the call can be captured in a CUDA graph. The ids are not
-    range-checked here: acf_fast.cuda_graph checks them on the host before the copy."""
+    range-checked here: acf_fast.training.cuda_graph checks them on the host before the copy."""
     device = weights.user_emb.device
     _check_device(device)
     D = weights.user_emb.shape[1]
@@ -237,7 +237,7 @@ def pair_scores(model, user_ids, profile_ids, pos, neg, profile_mask):
 
 
 def static_pair_scores(model, user_ids, profile_ids, pos, neg, profile_mask):
-    """pair_scores with static shapes and no read-back (acf_fast.cuda_graph); the caller
+    """pair_scores with static shapes and no read-back (acf_fast.training.cuda_graph); the caller
     has checked the ids."""
     _, spos, sneg, _, _ = fused_acf(ACFWeights.of(model), model.feature_table, user_ids,
                                     profile_ids, profile_mask, pos=pos, neg=neg,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ..progress import bar as tqdm
+from ..utils.progress import bar as tqdm
 
 from .formats import Interactions, join_ids, read_interactions, write_csv_atomic
 from .history import UserHistory
@@ -255,7 +255,7 @@ def _evaluation_rows(split: Split):
 
 def feature_item_count(features_path) -> int:
     """Number of items in a feature file (builds the memory-mappable cache on the way)."""
-    from ..features import load_feature_table
+    from ..model.features import load_feature_table
 
     return int(load_feature_table(features_path).shape[0]) - 1
 

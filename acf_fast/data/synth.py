@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from ..progress import bar as tqdm
+from ..utils.progress import bar as tqdm
 
 GRID = 7
 M = GRID * GRID

@@ -1,0 +1,1 @@
+"""Full-catalogue evaluation: metrics, the evaluation run, report and plots."""

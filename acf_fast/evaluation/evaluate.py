@@ -1,0 +1,264 @@
+"""`evaluate`: full-catalogue ranking of every evaluation group, in blocks of users.
+
+Each block of groups gets its user vectors in one batched call, its scores against
+the whole catalogue as one [B, N] matrix, and its ranks by sorting that matrix once
+per protocol; B is chosen from a memory budget, so peak memory does not depend
+on the number of users. Protocols (SPEC.md):
+- tutorial: a target's 0-based rank among all N items, less the profile items
+  ranked above it; AUC over N; nDCG's ideal DCG over the number of hits.
+- standard: every training item of the user removed from the candidates; AUC over
+  the remaining items; ideal DCG over min(n, k).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from ..utils.progress import bar as tqdm
+
+from .. import distributed
+from ..data.formats import EvaluationGroups, profiles_to_matrix, read_evaluation
+from ..data.history import UserHistory
+from ..data.sampling import load_manifest
+from .metrics import (IDEAL_HITS, IDEAL_MIN_N_K, KS, REPORTED, format_table, mean_metrics,
+                      metric_names, ranking_metrics)
+from ..model.acf import ACF
+from ..model.scoring import catalogue_columns
+
+PROTOCOLS = {"tutorial": IDEAL_HITS, "standard": IDEAL_MIN_N_K}
+HISTORY_BINS = (1, 3, 6, 11, 21, 51, 101)   # bin edges on the number of training items
+
+
+def catalogue_scores(model: ACF, users: torch.Tensor, profiles: torch.Tensor) -> torch.Tensor:
+    """[B, N] scores of every catalogue item (column c = model.all_items[c]) in one batched call."""
+    return model.recommend_all(users, profiles)
+
+
+@torch.no_grad()
+def rank_targets(model: ACF, users, profiles, targets, exclude=None, scores=None) -> torch.Tensor:
+    """0-based rank of each target among the catalogue, excluded items not counted above it.
+
+    users [B]; profiles [B, P] (model input); targets [B, L] item ids (0 = padding,
+    rank -1); exclude [B, E] item ids (0 = none) removed from the competition.
+    """
+    if scores is None:
+        scores = catalogue_scores(model, users, profiles)
+    scores = scores.clone()
+    tcols = catalogue_columns(model.all_items, targets)
+    if (tcols[targets > 0] < 0).any():
+        bad = targets[(targets > 0) & (tcols < 0)][0]
+        raise ValueError(f"target item id {int(bad)} is not in the model's catalogue")
+    tscore = scores.gather(1, tcols.clamp(min=0))
+    if exclude is not None:
+        ecols = catalogue_columns(model.all_items, exclude)
+        rows = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(ecols)
+        keep = ecols >= 0
+        scores[rows[keep], ecols[keep]] = float("-inf")
+    ordered = scores.sort(dim=1).values
+    above = scores.shape[1] - torch.searchsorted(ordered, tscore.contiguous(), right=True)
+    return torch.where(targets > 0, above, torch.full_like(above, -1))
+
+
+def _block_size(n_items: int, memory_mb: float) -> int:
+    # a few [B, N] float32 matrices live at once (scores, a masked copy, its sort)
+    return max(1, int(memory_mb * 2**20 // (n_items * 4 * 4)))
+
+
+def _padded_targets(groups: EvaluationGroups, idx: np.ndarray) -> np.ndarray:
+    lengths = groups.n_targets[idx]
+    out = np.zeros((idx.size, max(int(lengths.max()), 1)), dtype=np.int64)
+    for row, g in enumerate(idx):       # ragged copy of a block; the work per group is O(n)
+        out[row, :lengths[row]] = groups.targets(g)
+    return out
+
+
+def model_profiles(profile: np.ndarray, width: int) -> np.ndarray:
+    """The most recent `width` items of left-aligned, 0-padded profiles (what the model sees)."""
+    lengths = (profile > 0).sum(1)
+    flat = profile[profile > 0]
+    return profiles_to_matrix(flat, lengths, width)
+
+
+def evaluate_groups(model: ACF, groups: EvaluationGroups, history: UserHistory | None = None,
+                    ks=KS, protocols=("tutorial", "standard"), max_profile_size: int = 9,
+                    memory_mb: float = 256, device=None, progress: bool = True) -> dict:
+    """Per-group metrics {protocol: {metric: [G]}} plus per-group sizes."""
+    for p in protocols:
+        if p not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {p!r}; expected one of {list(PROTOCOLS)}")
+    if "standard" in protocols and history is None:
+        raise ValueError("the standard protocol needs the users' training history (history.npz)")
+    device = torch.device(device) if device else model.item_model.weight.device
+    n_items = model.all_items.numel()
+    if not memory_mb > 0:
+        raise ValueError(f"memory_mb must be positive, got {memory_mb}")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive cutoffs, got {list(ks)}")
+    if max(ks) >= n_items and progress and distributed.is_main():
+        print(f"note: cutoffs {[k for k in ks if k >= n_items]} reach the whole catalogue "
+              f"({n_items} items): metrics there rank every item", file=sys.stderr)
+    bad_users = groups.user[groups.user >= model.num_users]
+    if bad_users.size:
+        raise ValueError(f"evaluation names unknown user id {int(bad_users[0])}; "
+                         f"the model has users 0..{model.num_users - 1}")
+    block = _block_size(n_items, memory_mb)
+    per = {p: [] for p in protocols}
+    history_len = []
+    model.eval()
+    # under torchrun each rank takes whole blocks (the same shapes one process computes) and
+    # the per-group rows are gathered back into order: metrics equal one process's bit for bit
+    blocks = distributed.shard_blocks(len(groups), block)
+    bar = tqdm(total=sum(e - s for s, e in blocks), desc="evaluating", unit="user",
+               disable=not progress or not distributed.is_main())
+    for s, e in blocks:
+        idx = np.arange(s, e)
+        users = torch.from_numpy(groups.user[idx]).to(device)
+        prof_full = torch.from_numpy(groups.profile[idx]).to(device)
+        prof_in = torch.from_numpy(model_profiles(groups.profile[idx], max_profile_size)).to(device)
+        targets = torch.from_numpy(_padded_targets(groups, idx)).to(device)
+        n_t = (targets > 0).sum(1).cpu().numpy()
+        with torch.no_grad():
+            scores = catalogue_scores(model, users, prof_in)
+        if history is not None:
+            train_items = history.padded(groups.user[idx], "train")
+            history_len.append((train_items > 0).sum(1))
+        for p in protocols:
+            if p == "tutorial":
+                ranks = rank_targets(model, users, prof_in, targets, exclude=prof_full, scores=scores)
+                n_cand = n_items
+            else:
+                excl = torch.from_numpy(train_items).to(device)
+                ranks = rank_targets(model, users, prof_in, targets, exclude=excl, scores=scores)
+                n_cand = n_items - (catalogue_columns(model.all_items, excl) >= 0).sum(1).cpu().numpy()
+            per[p].append(ranking_metrics(ranks.cpu().numpy(), n_t, n_cand, ks, PROTOCOLS[p]))
+        bar.update(idx.size)
+    bar.close()
+    positions = np.concatenate([np.arange(s, e) for s, e in blocks] or [np.zeros(0, np.int64)])
+    gather = lambda rows: distributed.gather_rows(rows, positions, len(groups))
+    out = {p: gather({k: np.concatenate([b[k] for b in per[p]]) for k in (per[p][0] if per[p] else ())})
+           for p in protocols}
+    sizes = {"n_targets": groups.n_targets, "profile_size": groups.profile_size}
+    if history is not None:
+        sizes["history_size"] = gather({"h": np.concatenate(history_len or [np.zeros(0, np.int64)])})["h"]
+    return {"per_group": out, "sizes": sizes}
+
+
+def by_size(per_group: dict[str, np.ndarray], sizes: np.ndarray, edges=HISTORY_BINS) -> list[dict]:
+    """Mean of each metric per size bin [edges[i], edges[i+1]) (the last bin is open)."""
+    rows = []
+    bounds = list(edges) + [np.inf]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        sel = (sizes >= lo) & (sizes < hi)
+        if not sel.any():
+            continue
+        label = f"{lo}+" if hi == np.inf else (f"{lo}" if hi - lo == 1 else f"{lo}-{int(hi) - 1}")
+        row = {"bin": label, "groups": int(sel.sum())}
+        row.update({k: float(v[sel].mean()) for k, v in per_group.items()})
+        rows.append(row)
+    return rows
+
+
+def evaluate(checkpoint, data_dir, out_dir=None, features=None, ks=KS,
+             protocols=("tutorial", "standard"), max_profile_size: int | None = None,
+             memory_mb: float = 256, backend: str = "auto", device: str = "cpu",
+             plot: bool = True, progress: bool = True, print_table: bool = True) -> dict:
+    """Evaluate a checkpoint on `naive-user-evaluation.csv`; write metrics.json/.csv and a PNG."""
+    manifest = load_manifest(data_dir)
+    data = Path(data_dir)
+    n_users, n_items = manifest["n_users"], manifest["n_items"]
+    device = distributed.init_distributed(device).device    # cuda:LOCAL_RANK under torchrun
+    distributed.prepare_feature_cache(features or manifest["features"])   # built once, then mapped
+    model = load_model(checkpoint, features or manifest["features"], backend, device, n_users, n_items)
+    groups = read_evaluation(data / manifest["files"]["evaluation"], n_users=n_users, n_items=n_items)
+    history = UserHistory.load(data / manifest["files"]["history"]) if "standard" in protocols else None
+    if max_profile_size is None:
+        max_profile_size = getattr(model, "max_profile_size", 9)
+    res = evaluate_groups(model, groups, history, ks, protocols, max_profile_size, memory_mb,
+                          device, progress)
+    summary = {p: mean_metrics(res["per_group"][p]) for p in protocols}
+    report = {
+        "checkpoint": str(checkpoint), "data_dir": str(data_dir), "n_groups": len(groups),
+        "n_items": n_items, "ks": list(ks), "metrics": summary,
+        "by_history_size": ({p: by_size(res["per_group"][p], res["sizes"]["history_size"])
+                             for p in protocols} if "history_size" in res["sizes"] else {}),
+        "by_profile_size": {p: by_size(res["per_group"][p], res["sizes"]["profile_size"],
+                                       edges=tuple(range(1, 11))) for p in protocols},
+    }
+    names = [n for n in REPORTED if all(n in summary[p] for p in protocols)]
+    extra = [n for n in metric_names(ks) if n not in names]
+    report["table"] = format_table({f"ACF ({p})": summary[p] for p in protocols}, names)
+    if extra:
+        report["table_extra"] = format_table({f"ACF ({p})": summary[p] for p in protocols}, extra)
+    if print_table and distributed.is_main():
+        print(report["table"])
+        if extra:
+            print(report["table_extra"])
+    if out_dir is not None and distributed.is_main():
+        write_report(report, Path(out_dir), plot)
+    distributed.barrier()        # the report exists before any rank returns
+    return report
+
+
+def load_model(checkpoint, features, backend, device, n_users=None, n_items=None) -> ACF:
+    """A trained model, checked against the dataset it is about to be evaluated on."""
+    from ..model.checkpoint import read_checkpoint
+    from ..utils.devices import check_device
+
+    check_device(device)
+    ckpt = read_checkpoint(checkpoint)
+    state = ckpt["state_dict"]
+    # before building the model: a checkpoint of another dataset would otherwise fail on
+    # the feature table, with a message blaming the feature file
+    for what, key, expected in (("users", "user_model.user_embedding.weight", n_users),
+                                ("items", "item_model.weight", n_items)):
+        if expected is not None and key in state:
+            have = state[key].shape[0] - (what == "items")
+            if have != expected:
+                raise ValueError(f"checkpoint {checkpoint} was trained with {have} {what} but the "
+                                 f"dataset has {expected}: it belongs to another dataset")
+    model = ACF.from_checkpoint(ckpt, feature_path=features, backend=backend, device=device)
+    if n_items is not None:
+        from ..training.trainer import check_feature_count
+
+        check_feature_count(model, n_items, features)
+    if "max_profile_size" in ckpt:
+        model.max_profile_size = int(ckpt["max_profile_size"])
+    if n_users is not None and model.num_users != n_users:
+        raise ValueError(f"checkpoint {checkpoint} has {model.num_users} users but the dataset has {n_users}")
+    if n_items is not None and model.num_items != n_items:
+        raise ValueError(f"checkpoint {checkpoint} has {model.num_items} items but the dataset has {n_items}")
+    model.eval()
+    return model
+
+
+def write_report(report: dict, out: Path, plot: bool = True) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    names = metric_names(report["ks"])
+    with open(out / "metrics.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["protocol"] + names)
+        for p, values in report["metrics"].items():
+            w.writerow([p] + [f"{values[n]:.6f}" for n in names])
+    (out / "metrics.txt").write_text(report["table"] + "\n" + report.get("table_extra", "") + "\n")
+    paths = {"json": str(out / "metrics.json"), "csv": str(out / "metrics.csv")}
+    if plot and report["by_history_size"]:
+        from .plots import MissingPlotting, plot_metrics_by_size
+
+        try:
+            paths["png"] = str(plot_metrics_by_size(report["by_history_size"],
+                                                    out / "metrics_by_history_size.png",
+                                                    "training-history size (items)"))
+            paths["png_profile"] = str(plot_metrics_by_size(report["by_profile_size"],
+                                                            out / "metrics_by_profile_size.png",
+                                                            "profile size (items)"))
+        except MissingPlotting as exc:
+            # the metrics are written; the figures are a convenience, not a reason to fail
+            print(f"acf-fast: figures skipped ({exc})", file=sys.stderr)
+    report["files"] = paths
+    return paths

@@ -1,0 +1,1 @@
+"""The ACF module, the tutorial's reference modules, weights, features, checkpoints, losses, scoring."""

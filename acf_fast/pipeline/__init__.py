@@ -1,0 +1,1 @@
+"""The user-facing steps: CLI, function API, demo, recommend, explain, extract."""

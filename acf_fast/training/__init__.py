@@ -1,0 +1,1 @@
+"""Training: config, the epoch walk, steps, CUDA graph, run folder, validation, the loop."""

@@ -1,0 +1,1 @@
+"""Leaf helpers every layer may use: environment, devices, determinism, progress."""

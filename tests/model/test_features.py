@@ -1,0 +1,172 @@
+"""Feature store: the tutorial's .npy and .h5 layouts, the cache, dtypes and bad files."""
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from acf_fast import ACF
+from acf_fast.model.features import cache_path, feature_names, load_feature_table, table_from_tensor
+
+
+def grids(n=5, f=6, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, f, 7, 7)).astype(np.float32)
+
+
+def write_npy(path, g):
+    arr = np.empty((g.shape[0], 2), dtype=object)
+    for i in range(g.shape[0]):
+        arr[i, 0] = f"img_{i}.jpg"
+        arr[i, 1] = g[i]
+    np.save(path, arr, allow_pickle=True)
+    return path
+
+
+def write_h5(path, g):
+    with h5py.File(path, "w") as fh:
+        fh["image_filenames"] = np.array([f"img_{i}.jpg".encode() for i in range(g.shape[0])])
+        fh["resnet50/layer4"] = g
+    return path
+
+
+def expected_table(g):
+    comps = torch.from_numpy(g).flatten(2).transpose(1, 2)  # component m = h * 7 + w
+    return torch.cat([torch.zeros(1, 49, g.shape[1]), comps])
+
+
+@pytest.mark.parametrize("writer", [write_npy, write_h5])
+def test_both_formats_give_the_same_table(tmp_path, writer):
+    g = grids()
+    path = writer(tmp_path / ("f.npy" if writer is write_npy else "f.h5"), g)
+    table = load_feature_table(path)
+    assert table.shape == (6, 49, 6) and table.dtype == torch.float32
+    torch.testing.assert_close(table, expected_table(g))
+    assert table[3, 7 * 2 + 5, 4] == float(g[2, 4, 2, 5])  # item id 3 = row 2, cell (2, 5), channel 4
+    assert feature_names(path) == [f"img_{i}.jpg" for i in range(5)]
+
+
+def test_cache_is_reused_and_rebuilt_when_source_changes(tmp_path):
+    path = write_npy(tmp_path / "f.npy", grids())
+    load_feature_table(path)
+    cache = cache_path(path, torch.float32)
+    stamp = cache.stat().st_mtime_ns
+    load_feature_table(path)
+    assert cache.stat().st_mtime_ns == stamp
+    g2 = grids(seed=1)
+    write_npy(path, g2)
+    os.utime(path, ns=(stamp + 10**9, stamp + 10**9))
+    torch.testing.assert_close(load_feature_table(path), expected_table(g2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_tables(tmp_path, dtype):
+    g = grids()
+    path = write_h5(tmp_path / "f.h5", g)
+    table = load_feature_table(path, dtype)
+    assert table.dtype == dtype
+    torch.testing.assert_close(table, expected_table(g).to(dtype))
+
+
+def test_model_from_feature_file_matches_in_memory(tmp_path):
+    g = grids(n=8)
+    path = write_npy(tmp_path / "f.npy", g)
+    a = ACF(list(range(3)), list(range(8)), str(path), model_dim=4)
+    torch.manual_seed(0)
+    b = ACF(3, 8, features=torch.from_numpy(g), model_dim=4)
+    b.load_state_dict(a.state_dict())
+    ids = torch.tensor([[1, 8, 0]])
+    torch.testing.assert_close(a(torch.tensor([1]), ids, torch.tensor([2]), torch.tensor([3])),
+                               b(torch.tensor([1]), ids, torch.tensor([2]), torch.tensor([3])))
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last", "components"])
+def test_in_memory_layouts(layout):
+    g = torch.from_numpy(grids())
+    x = {"channels_first": g, "channels_last": g.permute(0, 2, 3, 1),
+         "components": g.flatten(2).transpose(1, 2)}[layout]
+    torch.testing.assert_close(table_from_tensor(x), expected_table(grids()))
+
+
+def test_nan_features_are_refused_naming_the_item(tmp_path):
+    g = grids()
+    g[3, 0, 1, 1] = np.nan
+    with pytest.raises(ValueError, match="item row 3 .item id 4"):
+        load_feature_table(write_npy(tmp_path / "f.npy", g))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        table_from_tensor(torch.from_numpy(g))
+    g[3, 0, 1, 1] = np.inf
+    with pytest.raises(ValueError, match="item row 3 .item id 4.*NaN or inf"):
+        ACF(3, 5, features=torch.from_numpy(g))
+    assert not cache_path(tmp_path / "f.npy", torch.float32).exists()
+
+
+def test_values_beyond_float16_are_refused_not_made_inf(tmp_path):
+    g = grids()
+    g[2, 1, 3, 3] = 7e4  # finite in float32, inf in float16 (max 65504)
+    with pytest.raises(ValueError, match=r"item row 2 .item id 3. exceed the float16 range"):
+        table_from_tensor(torch.from_numpy(g), torch.float16)
+    with pytest.raises(ValueError, match="exceed the float16 range"):
+        load_feature_table(write_npy(tmp_path / "f.npy", g), torch.float16)
+    assert not cache_path(tmp_path / "f.npy", torch.float16).exists()
+    # bfloat16 has float32's range: the same features are fine there
+    assert torch.isfinite(table_from_tensor(torch.from_numpy(g), torch.bfloat16).float()).all()
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_feature_table(tmp_path / "missing.npy")
+    np.save(tmp_path / "plain.npy", np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="object array"):
+        load_feature_table(tmp_path / "plain.npy")
+    (tmp_path / "junk.npy").write_bytes(b"not a numpy file")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_feature_table(tmp_path / "junk.npy")
+    with h5py.File(tmp_path / "bad.h5", "w") as fh:
+        fh["resnet50/layer4"] = np.zeros((2, 4, 5, 5), np.float32)
+    with pytest.raises(ValueError, match=r"\(N, F, 7, 7\)"):
+        load_feature_table(tmp_path / "bad.h5")
+    (tmp_path / "f.csv").write_text("x")
+    with pytest.raises(ValueError, match="unknown feature format"):
+        load_feature_table(tmp_path / "f.csv")
+    with pytest.raises(ValueError, match=r"\[N, 7, 7, F\]"):
+        table_from_tensor(torch.zeros(3, 5, 5, 2))
+
+
+def test_truncated_or_corrupted_cache_is_refused(tmp_path):
+    path = write_npy(tmp_path / "f.npy", grids())
+    load_feature_table(path)
+    cache = cache_path(path, torch.float32)
+    good = cache.read_bytes()
+    cache.write_bytes(good[:200])
+    with pytest.raises(ValueError, match="corrupt feature cache .truncated"):
+        load_feature_table(path)
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x40  # one bit inside the data: same size, wrong values
+    cache.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        load_feature_table(path)
+    load_feature_table(path, verify=False)  # size-only check on request (huge caches)
+    cache.with_suffix(".json").write_text("{not json")
+    torch.testing.assert_close(load_feature_table(path), expected_table(grids()))  # rebuilt
+
+
+def test_item_count_mismatch_is_refused():
+    with pytest.raises(ValueError, match="feature table has 5 items but item ids go up to 9"):
+        ACF(3, list(range(9)), features=torch.rand(5, 49, 4))
+
+
+def test_table_follows_device_and_not_the_state_dict():
+    m = ACF(3, 5, features=torch.rand(5, 49, 4), model_dim=4)
+    assert "feature_table" not in m.state_dict()
+    assert m.double().feature_table.dtype == torch.float64
+
+
+def test_features_on_host_stay_on_host_when_the_module_moves():
+    m = ACF(3, 5, features=torch.rand(5, 49, 4), model_dim=4, features_on_host=True)
+    m.to("meta")
+    assert m.item_model.weight.device.type == "meta"
+    assert m.feature_table.device.type == "cpu"
+    m2 = ACF(3, 5, features=torch.rand(5, 49, 4), model_dim=4).to("meta")
+    assert m2.feature_table.device.type == "meta"
