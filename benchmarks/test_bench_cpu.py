@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import harness
-from acf_fast import _ext
+from acf_fast.backends import cpu_extension as _ext
 
 _reason = _ext._load()[1]
 pytestmark = pytest.mark.skipif(_reason is not None or harness.device().type != "cpu",

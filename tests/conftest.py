@@ -34,7 +34,7 @@ def backends_required() -> bool:
 
 def missing_backends() -> list[str]:
     """Why a fused backend's tests would skip here (empty when both can run)."""
-    from acf_fast import _ext
+    from acf_fast.backends import cpu_extension as _ext
 
     problems = []
     ops, reason = _ext._load()

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_map
 
 from conftest import backends_required
 
-from acf_fast import backend as backend_select
+from acf_fast.backends import registry as backend_select
 from acf_fast.testing import random_batch, random_model, same_model
 
 CPU = torch.device("cpu")

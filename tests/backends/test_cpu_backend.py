@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from acf_fast import _ext
+from acf_fast.backends import cpu_extension as _ext
 from acf_fast.model.losses import warp_loss
 from acf_fast.testing import random_batch, random_features, random_model, same_model
 
@@ -142,7 +142,7 @@ def _with_threads(threads, fn):
 
 def test_thread_counts_fused_attention_bitwise():
     """The fused pass sums shared gradients in a fixed order: 1 and 2 threads agree bit for bit."""
-    from acf_fast import cpu_ops
+    from acf_fast.backends import cpu_ops
 
     g = torch.Generator().manual_seed(20)
     b, p, k, m, h, d = 33, 9, 50, 49, 24, 24

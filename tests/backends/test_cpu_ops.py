@@ -5,14 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from acf_fast import _ext
+from acf_fast.backends import cpu_extension as _ext
 from acf_fast.testing import random_batch, random_model
 
 _reason = _ext._load()[1]
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"cpu backend unavailable: {_reason}")
 
 if _reason is None:
-    from acf_fast import cpu_ops
+    from acf_fast.backends import cpu_ops
     cpu_ops.register()
 
 

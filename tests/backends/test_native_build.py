@@ -8,9 +8,11 @@ import sys
 import pytest
 import torch
 
-from acf_fast import _ext, reference
+from acf_fast.backends import cpu_extension as _ext
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from acf_fast.model import reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 built = _ext.load(required=False) is not None
 needs_ext = pytest.mark.skipif(not built, reason="native extension not built (make build)")
 

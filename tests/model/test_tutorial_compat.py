@@ -98,7 +98,7 @@ class TutorialACF(nn.Module):
 
 
 def _backends():
-    from acf_fast import backend as select
+    from acf_fast.backends import registry as select
     names = ["reference"]
     if select.cpu_extension_available():
         names.append("cpu")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from acf_fast import backend as backend_select
-from acf_fast import determinism
+from acf_fast.backends import registry as backend_select
+from acf_fast.utils import determinism
 from acf_fast.model.losses import warp_loss
 from acf_fast.testing import random_batch, random_model
 

@@ -175,7 +175,7 @@ def worker(out: Path) -> None:
     result["ckpt_visible_after_save"] = path.exists()
 
     # the feature cache: converted once (by rank 0), mapped by everyone
-    from acf_fast import features as F
+    from acf_fast.model import features as F
 
     converted = []
     original = F._convert_npy
@@ -206,7 +206,7 @@ def _is_memory_mapped(path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------- launching
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _child_env(**extra) -> dict:

@@ -241,7 +241,7 @@ DRIVER = """
 import signal, sys, time
 from pathlib import Path
 signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal
-from acf_fast import train as T
+from acf_fast.training import trainer as T
 marker, argv = Path(sys.argv[1]), sys.argv[2:]
 step = T.Trainer._loss
 def slow(self, idx):
