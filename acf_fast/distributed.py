@@ -57,7 +57,6 @@ What each piece is for, and the choices made:
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -69,9 +68,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .model.losses import get_loss, sigmoid_loss
+from .utils import env
 
-TIMEOUT_ENV = "ACF_FAST_DIST_TIMEOUT_S"
-BACKEND_ENV = "ACF_FAST_DIST_BACKEND"   # e.g. gloo: several ranks sharing one GPU (tests), no NCCL
 DEFAULT_TIMEOUT_S = 1800   # torch's own default; a long feature conversion may need more
 
 
@@ -99,23 +97,13 @@ _CONTEXT: DistContext | None = None
 _OWNS_GROUP = False
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
-
-
 def env_world_size() -> int:
     """WORLD_SIZE as torchrun exports it (1 when not launched by torchrun)."""
-    return _env_int("WORLD_SIZE", 1)
+    return env.world_size()
 
 
 def launched_distributed() -> bool:
-    return env_world_size() > 1
+    return env.launched_distributed()
 
 
 def _rank_device(requested: str | torch.device | None, local_rank: int, world: int) -> torch.device:
@@ -148,9 +136,9 @@ def init_distributed(device: str | torch.device | None = "cpu", backend: str | N
     """
     global _CONTEXT, _OWNS_GROUP
     world = env_world_size()
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    local_world = _env_int("LOCAL_WORLD_SIZE", world if world > 1 else 1)
+    rank = env.integer("RANK", 0)
+    local_rank = env.integer("LOCAL_RANK", 0)
+    local_world = env.integer("LOCAL_WORLD_SIZE", world if world > 1 else 1)
     if _CONTEXT is not None:
         return replace(_CONTEXT, device=_rank_device(device, _CONTEXT.local_rank, _CONTEXT.world_size))
     if world <= 1 and not (dist.is_available() and dist.is_initialized()):
@@ -161,7 +149,7 @@ def init_distributed(device: str | torch.device | None = "cpu", backend: str | N
         if not 0 <= rank < world:
             raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world})")
         for name in ("MASTER_ADDR", "MASTER_PORT"):
-            if name not in os.environ:
+            if not env.is_set(name):
                 raise RuntimeError(f"WORLD_SIZE={world} but {name} is not set; launch with torchrun "
                                    "(it sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
     else:   # someone else started it (a notebook, a test harness): use theirs
@@ -170,10 +158,11 @@ def init_distributed(device: str | torch.device | None = "cpu", backend: str | N
     if dev.type == "cuda":
         torch.cuda.set_device(dev)      # NCCL and all_gather_object use the current device
     if not dist.is_initialized():
-        backend = (backend or os.environ.get(BACKEND_ENV)
+        # ACF_FAST_DIST_BACKEND=gloo: several ranks sharing one GPU (tests), no NCCL
+        backend = (backend or env.text(env.DIST_BACKEND)
                    or ("nccl" if dev.type == "cuda" else "gloo"))
-        seconds = timeout_s if timeout_s is not None else float(
-            os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        seconds = timeout_s if timeout_s is not None else env.number(
+            env.DIST_TIMEOUT_S, DEFAULT_TIMEOUT_S)
         dist.init_process_group(backend=backend, init_method="env://", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=seconds))
         _OWNS_GROUP = True

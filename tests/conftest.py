@@ -18,8 +18,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.manual_seed(0)
 
-# ACF_FAST_BACKEND overrides every explicit backend= (acf_fast.backends.registry.resolve): left in
-# the environment, a "cpu against reference" test would compare one backend with itself.
+# ACF_FAST_BACKEND sets what backend="auto" means (acf_fast.backends.registry.resolve): left in
+# the environment, every test that builds an "auto" model would run another backend.
 BACKEND_OVERRIDE = "ACF_FAST_BACKEND"
 
 # ACF_FAST_REQUIRE_BACKENDS=1 (set by `make test`): the fused backends' tests must run.

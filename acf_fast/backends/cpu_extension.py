@@ -12,6 +12,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from ..utils import env
+
 BUILD_HINT = ("build it with `make build` (or `pip install --no-build-isolation -e .` in the "
               "repository), or choose backend='reference'")
 
@@ -47,7 +49,7 @@ def _load():
         return None, f"the native extension acf_fast._C failed to load ({exc})"
     built = torch.ops.acf_fast.source_hash()
     expected = _checkout_source_hash()
-    if expected is not None and built != expected and not os.environ.get("ACF_FAST_ALLOW_STALE"):
+    if expected is not None and built != expected and not env.allow_stale_extension():
         return None, (f"the native extension acf_fast._C is stale (built from csrc/ {built}, "
                       f"sources now {expected})")
     return torch.ops.acf_fast, None

@@ -15,10 +15,9 @@ TORCH_LIBRARY_FRAGMENT). `register_fake` lets torch.compile trace them;
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ..utils import env
 from . import cpu_extension as _ext
 
 _REGISTERED = False
@@ -94,7 +93,7 @@ def register() -> None:
 
 def bf16_gemm_default() -> bool:
     """ACF_FAST_BF16_GEMM=1: bf16 tables multiply in bf16 (faster only with AMX-class units)."""
-    return os.environ.get("ACF_FAST_BF16_GEMM", "0") not in ("", "0")
+    return env.bf16_gemm()
 
 
 def reduce_items(table, items, weight, bias, bf16_gemm: bool | None = None):

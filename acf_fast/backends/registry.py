@@ -14,18 +14,18 @@ Nothing else in the package chooses between them.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from functools import lru_cache
 
 import torch
 
+from ..utils import env
+
 BACKENDS = ("reference", "cpu", "triton")
-ENV_OVERRIDE = "ACF_FAST_BACKEND"
 
 
 def triton_interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return env.triton_interpreter()
 
 
 @lru_cache(maxsize=None)
@@ -66,9 +66,16 @@ def triton_supports(device: torch.device) -> bool:
 
 
 def resolve(requested: str, device: torch.device | str) -> str:
-    """Turn "auto" or an explicit name into the backend that will actually run."""
+    """Turn "auto" or an explicit name into the backend that will actually run.
+
+    An explicit name is what runs; ACF_FAST_BACKEND only says what "auto" means (so a
+    script can switch every model it builds without overriding a caller's choice)."""
     device = torch.device(device)
-    requested = os.environ.get(ENV_OVERRIDE, requested) or "auto"
+    requested = requested or "auto"
+    if requested == "auto" and env.auto_backend() is not None:
+        requested = env.auto_backend()
+        if requested not in BACKENDS:
+            raise ValueError(f"{env.BACKEND}={requested!r} is not a backend; expected one of {BACKENDS}")
     if requested not in BACKENDS + ("auto",):
         raise ValueError(f"unknown backend {requested!r}; expected one of {('auto',) + BACKENDS}")
     if requested != "auto":

@@ -27,8 +27,8 @@ from ..data.history import UserHistory
 from ..data.sampling import load_manifest
 from .metrics import (IDEAL_HITS, IDEAL_MIN_N_K, KS, REPORTED, format_table, mean_metrics,
                       metric_names, ranking_metrics)
-from ..model.acf import ACF
-from ..model.scoring import catalogue_columns
+from ..model.acf import ACF, load_model
+from ..model.scoring import catalogue_columns, rank_targets
 
 PROTOCOLS = {"tutorial": IDEAL_HITS, "standard": IDEAL_MIN_N_K}
 HISTORY_BINS = (1, 3, 6, 11, 21, 51, 101)   # bin edges on the number of training items
@@ -37,31 +37,6 @@ HISTORY_BINS = (1, 3, 6, 11, 21, 51, 101)   # bin edges on the number of trainin
 def catalogue_scores(model: ACF, users: torch.Tensor, profiles: torch.Tensor) -> torch.Tensor:
     """[B, N] scores of every catalogue item (column c = model.all_items[c]) in one batched call."""
     return model.recommend_all(users, profiles)
-
-
-@torch.no_grad()
-def rank_targets(model: ACF, users, profiles, targets, exclude=None, scores=None) -> torch.Tensor:
-    """0-based rank of each target among the catalogue, excluded items not counted above it.
-
-    users [B]; profiles [B, P] (model input); targets [B, L] item ids (0 = padding,
-    rank -1); exclude [B, E] item ids (0 = none) removed from the competition.
-    """
-    if scores is None:
-        scores = catalogue_scores(model, users, profiles)
-    scores = scores.clone()
-    tcols = catalogue_columns(model.all_items, targets)
-    if (tcols[targets > 0] < 0).any():
-        bad = targets[(targets > 0) & (tcols < 0)][0]
-        raise ValueError(f"target item id {int(bad)} is not in the model's catalogue")
-    tscore = scores.gather(1, tcols.clamp(min=0))
-    if exclude is not None:
-        ecols = catalogue_columns(model.all_items, exclude)
-        rows = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(ecols)
-        keep = ecols >= 0
-        scores[rows[keep], ecols[keep]] = float("-inf")
-    ordered = scores.sort(dim=1).values
-    above = scores.shape[1] - torch.searchsorted(ordered, tscore.contiguous(), right=True)
-    return torch.where(targets > 0, above, torch.full_like(above, -1))
 
 
 def _block_size(n_items: int, memory_mb: float) -> int:
@@ -129,11 +104,11 @@ def evaluate_groups(model: ACF, groups: EvaluationGroups, history: UserHistory |
             history_len.append((train_items > 0).sum(1))
         for p in protocols:
             if p == "tutorial":
-                ranks = rank_targets(model, users, prof_in, targets, exclude=prof_full, scores=scores)
+                ranks = rank_targets(scores, model.all_items, targets, exclude=prof_full)
                 n_cand = n_items
             else:
                 excl = torch.from_numpy(train_items).to(device)
-                ranks = rank_targets(model, users, prof_in, targets, exclude=excl, scores=scores)
+                ranks = rank_targets(scores, model.all_items, targets, exclude=excl)
                 n_cand = n_items - (catalogue_columns(model.all_items, excl) >= 0).sum(1).cpu().numpy()
             per[p].append(ranking_metrics(ranks.cpu().numpy(), n_t, n_cand, ks, PROTOCOLS[p]))
         bar.update(idx.size)
@@ -202,38 +177,6 @@ def evaluate(checkpoint, data_dir, out_dir=None, features=None, ks=KS,
         write_report(report, Path(out_dir), plot)
     distributed.barrier()        # the report exists before any rank returns
     return report
-
-
-def load_model(checkpoint, features, backend, device, n_users=None, n_items=None) -> ACF:
-    """A trained model, checked against the dataset it is about to be evaluated on."""
-    from ..model.checkpoint import read_checkpoint
-    from ..utils.devices import check_device
-
-    check_device(device)
-    ckpt = read_checkpoint(checkpoint)
-    state = ckpt["state_dict"]
-    # before building the model: a checkpoint of another dataset would otherwise fail on
-    # the feature table, with a message blaming the feature file
-    for what, key, expected in (("users", "user_model.user_embedding.weight", n_users),
-                                ("items", "item_model.weight", n_items)):
-        if expected is not None and key in state:
-            have = state[key].shape[0] - (what == "items")
-            if have != expected:
-                raise ValueError(f"checkpoint {checkpoint} was trained with {have} {what} but the "
-                                 f"dataset has {expected}: it belongs to another dataset")
-    model = ACF.from_checkpoint(ckpt, feature_path=features, backend=backend, device=device)
-    if n_items is not None:
-        from ..training.trainer import check_feature_count
-
-        check_feature_count(model, n_items, features)
-    if "max_profile_size" in ckpt:
-        model.max_profile_size = int(ckpt["max_profile_size"])
-    if n_users is not None and model.num_users != n_users:
-        raise ValueError(f"checkpoint {checkpoint} has {model.num_users} users but the dataset has {n_users}")
-    if n_items is not None and model.num_items != n_items:
-        raise ValueError(f"checkpoint {checkpoint} has {model.num_items} items but the dataset has {n_items}")
-    model.eval()
-    return model
 
 
 def write_report(report: dict, out: Path, plot: bool = True) -> dict:

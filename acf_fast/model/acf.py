@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..backends import registry as _backend
+from ..utils.devices import check_device
 from .features import load_feature_table, table_from_tensor
 from .reference import ACFUserNet
 
@@ -111,9 +112,8 @@ class ACF(nn.Module):
             "model_dim": self.model_dim, "input_feature_dim": self.input_feature_dim,
             "tied_item_embedding": bool(tied_item_embedding),
         }
-        self.device = device
         if device is not None:
-            self.to(device)
+            self.to(check_device(device))
 
     def _apply(self, fn, recurse=True):
         """Device moves and dtype casts reach the feature table, except that a 16-bit table
@@ -130,6 +130,11 @@ class ACF(nn.Module):
         return self
 
     # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are: the tutorial's attribute, kept true after .to()."""
+        return self.item_model.weight.device
+
     @property
     def num_users(self) -> int:
         return self.user_model.user_embedding.num_embeddings
@@ -259,14 +264,30 @@ class ACF(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_checkpoint(cls, checkpoint, *, feature_path=None, features=None,
-                        feature_dtype=torch.float32, backend="auto", map_location="cpu", device=None):
+                        feature_dtype=torch.float32, backend="auto", map_location="cpu", device=None,
+                        n_users=None, n_items=None):
         """Build from a tutorial checkpoint {epoch, loss, model_args, state_dict, optimizer}
-        (a dict or a path). feature_path / features override the checkpoint's feature_path."""
+        (a dict or a path). feature_path / features override the checkpoint's feature_path.
+
+        n_users / n_items: the dataset the model is about to see. A checkpoint of another
+        dataset is refused before the feature table is read (which would otherwise fail
+        with a message blaming the feature file), and so is a feature file of another size.
+        """
         from .checkpoint import read_checkpoint
 
+        if device is not None:
+            check_device(device)
         ckpt = read_checkpoint(checkpoint, map_location=map_location)
         args = dict(ckpt.get("model_args") or {})
         state = ckpt["state_dict"]
+        name = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "the checkpoint"
+        for what, key, expected in (("users", "user_model.user_embedding.weight", n_users),
+                                    ("items", "item_model.weight", n_items)):
+            if expected is not None and key in state:
+                have = state[key].shape[0] - (what == "items")
+                if have != expected:
+                    raise ValueError(f"checkpoint {name} was trained with {have} {what} but the "
+                                     f"dataset has {expected}: it belongs to another dataset")
         emb = state["item_model.weight"]
         users = args.get("users", state["user_model.user_embedding.weight"].shape[0])
         items = args.get("items", emb.shape[0] - 1)
@@ -279,6 +300,24 @@ class ACF(nn.Module):
                     tied_item_embedding=args.get("tied_item_embedding", True),
                     feature_dtype=feature_dtype, backend=backend)
         model.load_state_dict(state)
+        if n_items is not None:
+            check_feature_count(model, n_items, feature_path if features is None else "features=")
+        if "max_profile_size" in ckpt:
+            model.max_profile_size = int(ckpt["max_profile_size"])
         if device is not None:
             model.to(device)
         return model
+
+
+def check_feature_count(model: ACF, n_items: int, features) -> None:
+    """The feature file must describe exactly the catalogue the data was prepared with."""
+    have = int(model.feature_table.shape[0]) - 1
+    if have != n_items:
+        raise ValueError(f"feature file {features} has {have} items but the prepared data has "
+                         f"{n_items}; use the feature file given to `prepare`")
+
+
+def load_model(checkpoint, features, backend, device, n_users=None, n_items=None) -> ACF:
+    """A trained model in eval mode, checked against the dataset it is about to score."""
+    return ACF.from_checkpoint(checkpoint, feature_path=features, backend=backend, device=device,
+                               n_users=n_users, n_items=n_items).eval()

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..utils import env
+
 GRID = 7
 SUPPORTED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # numpy has no bfloat16: its bits are stored as uint16 and viewed back in torch.
@@ -230,7 +232,7 @@ def _verify_cache(dest: Path, meta: dict, verify: bool | None) -> None:
         raise ValueError(f"{dest}: corrupt feature cache (truncated: {size} bytes, expected "
                          f"{meta.get('cache_bytes')}); delete it to rebuild")
     if verify is None:
-        verify = size <= VERIFY_LIMIT_BYTES or os.environ.get("ACF_FAST_VERIFY_CACHE") == "1"
+        verify = size <= VERIFY_LIMIT_BYTES or env.verify_every_cache()
     if verify and _file_sha256(dest) != meta.get("sha256"):
         raise ValueError(f"{dest}: corrupt feature cache (checksum mismatch); delete it to rebuild")
 

@@ -14,6 +14,31 @@ def catalogue_columns(all_items: torch.Tensor, items: torch.Tensor) -> torch.Ten
     return torch.where(inside, column_of[items.clamp(0, column_of.numel() - 1)], -1)
 
 
+@torch.no_grad()
+def rank_targets(scores: torch.Tensor, all_items: torch.Tensor, targets: torch.Tensor,
+                 exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of each target among the catalogue, excluded items not counted above it.
+
+    scores [B, N] (column c scores item all_items[c]); targets [B, L] item ids (0 = padding,
+    rank -1); exclude [B, E] item ids (0 = none) removed from the competition. A pure
+    function of its inputs: evaluation and training validation share it.
+    """
+    scores = scores.clone()
+    tcols = catalogue_columns(all_items, targets)
+    if (tcols[targets > 0] < 0).any():
+        bad = targets[(targets > 0) & (tcols < 0)][0]
+        raise ValueError(f"target item id {int(bad)} is not in the model's catalogue")
+    tscore = scores.gather(1, tcols.clamp(min=0))
+    if exclude is not None:
+        ecols = catalogue_columns(all_items, exclude)
+        rows = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(ecols)
+        keep = ecols >= 0
+        scores[rows[keep], ecols[keep]] = float("-inf")
+    ordered = scores.sort(dim=1).values
+    above = scores.shape[1] - torch.searchsorted(ordered, tscore.contiguous(), right=True)
+    return torch.where(targets > 0, above, torch.full_like(above, -1))
+
+
 def _excluded_columns(all_items: torch.Tensor, exclude: torch.Tensor, num_rows: int):
     """(rows, cols) of excluded (user, catalogue column) pairs; id 0 in exclude means none."""
     if exclude.dim() != 2 or exclude.shape[0] != num_rows:

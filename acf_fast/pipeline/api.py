@@ -12,7 +12,8 @@
 from ..data.formats import read_evaluation, read_interactions, read_triplets
 from ..data.sampling import prepare
 from ..data.synth import SynthConfig, load_planted, synth
-from ..evaluation.evaluate import evaluate, load_model
+from ..evaluation.evaluate import evaluate
+from ..model.acf import load_model
 from .explain import explain
 from .extract import extract
 from .demo import DemoConfig, planted_attention_ratio, run_demo

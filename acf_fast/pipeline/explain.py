@@ -17,7 +17,7 @@ import torch
 
 from ..data.history import UserHistory
 from ..data.sampling import load_manifest
-from ..evaluation.evaluate import load_model
+from ..model.acf import load_model
 from ..model.features import feature_names
 from ..evaluation.plots import pyplot
 

@@ -16,7 +16,7 @@ import torch
 
 from ..data.history import UserHistory
 from ..data.sampling import load_manifest
-from ..evaluation.evaluate import load_model
+from ..model.acf import load_model
 
 
 def parse_users(spec) -> list[int] | None:

@@ -66,7 +66,7 @@ from ..data.sampling import load_manifest
 from ..utils.devices import check_device
 from ..model.losses import get_loss
 from ..evaluation.metrics import ranking_metrics
-from ..model.acf import ACF
+from ..model.acf import ACF, check_feature_count
 
 LAST, BEST, HISTORY = "last.pt", "best.pt", "history.json"
 RUN_FILES = (BEST, LAST, HISTORY)        # what a training run leaves in its output folder
@@ -165,14 +165,6 @@ class TrainState:
     bad_epochs: int = 0
     finished: bool = False
     history: list = field(default_factory=list)
-
-
-def check_feature_count(model: ACF, n_items: int, features) -> None:
-    """The feature file must describe exactly the catalogue the data was prepared with."""
-    have = int(model.feature_table.shape[0]) - 1
-    if have != n_items:
-        raise ValueError(f"feature file {features} has {have} items but the prepared data has "
-                         f"{n_items}; use the feature file given to `prepare`")
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -380,8 +372,7 @@ class Trainer:
             return {}
         gen = torch.Generator().manual_seed(self.cfg.seed + 17)
         pick = torch.randperm(len(self.val_set), generator=gen)[:n]
-        from ..evaluation.evaluate import rank_targets
-        from ..model.scoring import score_catalogue
+        from ..model.scoring import rank_targets, score_catalogue
 
         model = self.model
         ranks, positions = [np.zeros((0, 1), dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
@@ -394,7 +385,7 @@ class Trainer:
             scores = score_catalogue(user, model.item_model.weight, model.all_items, model.model_dim)
             # a NaN score compares false with everything: it would rank first (AUC 1)
             finite.append(torch.isfinite(scores).all(1).cpu().numpy())
-            ranks.append(rank_targets(model, u, p, pos[:, None], exclude=p, scores=scores).cpu().numpy())
+            ranks.append(rank_targets(scores, model.all_items, pos[:, None], exclude=p).cpu().numpy())
             positions.append(np.arange(s, e))
         rows = distributed.gather_rows({"rank": np.concatenate(ranks), "finite": np.concatenate(finite)},
                                        np.concatenate(positions), n)

@@ -16,19 +16,17 @@ What is deterministic, and where:
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
 import torch
 
-ENV = "ACF_FAST_DETERMINISTIC"
+from . import env
 
 
 def enable(seed: int | None = 0) -> None:
     """Turn deterministic mode on for this process (and seed every RNG when seed is given)."""
-    os.environ[ENV] = "1"
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    env.set_deterministic(True)
     torch.use_deterministic_algorithms(True)
     if torch.backends.cudnn.is_available():
         torch.backends.cudnn.benchmark = False
@@ -37,12 +35,12 @@ def enable(seed: int | None = 0) -> None:
 
 
 def disable() -> None:
-    os.environ.pop(ENV, None)
+    env.set_deterministic(False)
     torch.use_deterministic_algorithms(False)
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "0") not in ("", "0") or torch.are_deterministic_algorithms_enabled()
+    return env.deterministic() or torch.are_deterministic_algorithms_enabled()
 
 
 def seed_everything(seed: int) -> None:

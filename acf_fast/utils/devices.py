@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import launched_distributed
+from .env import launched_distributed
 
 
 def check_device(device) -> torch.device | None:

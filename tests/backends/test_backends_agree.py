@@ -234,9 +234,16 @@ def test_component_logits_shifted_by_a_constant(name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_backend_override_reaches_every_model(name, monkeypatch):
-    """ACF_FAST_BACKEND (which conftest.py clears for every other test) beats backend=."""
-    model = random_model(n_users=2, n_items=4, m=1, f=3, d=2, backend=name)
-    assert model.resolved_backend() == name
-    monkeypatch.setenv(backend_select.ENV_OVERRIDE, "reference")
-    assert model.resolved_backend() == "reference"
+def test_environment_sets_what_auto_means_and_never_beats_an_explicit_backend(name, monkeypatch):
+    """ACF_FAST_BACKEND (which conftest.py clears for every other test) chooses for
+    backend="auto" only; an explicit backend= is what runs."""
+    other = "reference" if name != "reference" else "cpu"
+    monkeypatch.setenv("ACF_FAST_BACKEND", other)
+    explicit = random_model(n_users=2, n_items=4, m=1, f=3, d=2, backend=name)
+    assert explicit.resolved_backend() == name
+    auto = random_model(n_users=2, n_items=4, m=1, f=3, d=2, backend="auto")
+    monkeypatch.setenv("ACF_FAST_BACKEND", name)
+    assert auto.resolved_backend() == name
+    monkeypatch.setenv("ACF_FAST_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="ACF_FAST_BACKEND='gpu'"):
+        auto.resolved_backend()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from acf_fast.evaluation.evaluate import rank_targets
+from acf_fast.model.scoring import rank_targets
 from acf_fast.evaluation.metrics import (IDEAL_HITS, IDEAL_MIN_N_K, format_table, group_metrics, mean_metrics,
                               ranking_metrics)
 
@@ -102,12 +102,12 @@ def test_tutorial_protocol_discounts_only_profile_items_ranked_above():
     scores = torch.tensor([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0]])
     targets = torch.tensor([[4, 6]])            # raw ranks 3 and 5
     profile = torch.tensor([[2, 5, 0]])         # item 2 above both targets, item 5 above target 6 only
-    r = rank_targets(_stub(6), None, None, targets, exclude=profile, scores=scores)
+    r = rank_targets(scores, _stub(6).all_items, targets, exclude=profile)
     assert r.tolist() == [[2, 3]]
     # an older consumed item (1) that is not in the profile still counts in the tutorial protocol
     # but is removed in the standard protocol, where every training item is excluded
     train = torch.tensor([[1, 2, 5]])
-    r_std = rank_targets(_stub(6), None, None, targets, exclude=train, scores=scores)
+    r_std = rank_targets(scores, _stub(6).all_items, targets, exclude=train)
     assert r_std.tolist() == [[1, 2]]
     # AUC of the standard protocol is over the remaining 6 - 3 candidates
     m = ranking_metrics(r_std.numpy(), [2], 6 - 3, ks=(1,), ideal=IDEAL_MIN_N_K)
@@ -116,7 +116,7 @@ def test_tutorial_protocol_discounts_only_profile_items_ranked_above():
 
 def test_rank_padding_and_unknown_target():
     scores = torch.tensor([[3.0, 2.0, 1.0]])
-    r = rank_targets(_stub(3), None, None, torch.tensor([[3, 0]]), scores=scores)
+    r = rank_targets(scores, _stub(3).all_items, torch.tensor([[3, 0]]))
     assert r.tolist() == [[2, -1]]
     with pytest.raises(ValueError, match="9"):
-        rank_targets(_stub(3), None, None, torch.tensor([[9]]), scores=scores)
+        rank_targets(scores, _stub(3).all_items, torch.tensor([[9]]))

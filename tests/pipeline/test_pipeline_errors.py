@@ -226,7 +226,7 @@ def test_unusable_device_is_one_line_for_every_subcommand(tiny, tmp_path, capsys
 
 
 def test_library_loader_checks_the_device(tiny):
-    from acf_fast.evaluation.evaluate import load_model
+    from acf_fast.model.acf import load_model
 
     root, s = tiny
     with pytest.raises(ValueError, match="use --device cpu|GPU\\(s\\) are visible"):
