@@ -20,7 +20,6 @@ fixed order, so the files are reproducible.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -30,16 +29,15 @@ from pathlib import Path
 import numpy as np
 from ..utils.progress import bar as tqdm
 
-from .formats import Interactions, join_ids, read_interactions, write_csv_atomic
+from .csv_io import join_ids, write_csv_atomic
+from .formats import Interactions, read_interactions
 from .history import UserHistory
+from .prepared import (EVALUATION_FILE, FILES, HISTORY_FILE, TRAIN_FILE, VALIDATION_FILE,
+                       write_manifest)
+from .prepared import load_manifest  # noqa: F401  TEMP until training/ switches to PreparedDataset
 
 PROFILE_WINDOW = 10          # the tutorial's profile: up to 10 items ending at pi
 HOLDOUT_BASKETS = 10
-TRAIN_FILE = "naive-user-train.csv"
-VALIDATION_FILE = "naive-user-validation.csv"
-EVALUATION_FILE = "naive-user-evaluation.csv"
-HISTORY_FILE = "history.npz"
-MANIFEST_FILE = "dataset.json"
 MAX_ROUNDS = 10_000
 
 
@@ -322,19 +320,7 @@ def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_valida
         "n_evaluation_baskets": int(split.eval_user.size),
         "n_train_triplets": int(is_train.sum()), "n_validation_triplets": int((~is_train).sum()),
         "seed": seed, "holdout_baskets": holdout_baskets,
-        "files": {"train": TRAIN_FILE, "validation": VALIDATION_FILE, "evaluation": EVALUATION_FILE,
-                  "history": HISTORY_FILE},
+        "files": dict(FILES),
     }
-    tmp = out / f".{MANIFEST_FILE}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out / MANIFEST_FILE)
-    return manifest
-
-
-def load_manifest(data_dir) -> dict:
-    path = Path(data_dir) / MANIFEST_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `acf-fast prepare` into {data_dir} first")
-    manifest = json.loads(path.read_text())
-    manifest["dir"] = str(Path(data_dir))
+    write_manifest(out, manifest)
     return manifest

@@ -12,8 +12,6 @@ on the number of users. Protocols (SPEC.md):
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 from pathlib import Path
 
@@ -22,9 +20,10 @@ import torch
 from ..utils.progress import bar as tqdm
 
 from .. import distributed
-from ..data.formats import EvaluationGroups, profiles_to_matrix, read_evaluation
+from ..data.formats import EvaluationGroups, profiles_to_matrix
 from ..data.history import UserHistory
-from ..data.sampling import load_manifest
+from ..data.prepared import PreparedDataset
+from .report import write_report
 from .metrics import (IDEAL_HITS, IDEAL_MIN_N_K, KS, REPORTED, format_table, mean_metrics,
                       metric_names, ranking_metrics)
 from ..model.acf import ACF, load_model
@@ -143,14 +142,12 @@ def evaluate(checkpoint, data_dir, out_dir=None, features=None, ks=KS,
              memory_mb: float = 256, backend: str = "auto", device: str = "cpu",
              plot: bool = True, progress: bool = True, print_table: bool = True) -> dict:
     """Evaluate a checkpoint on `naive-user-evaluation.csv`; write metrics.json/.csv and a PNG."""
-    manifest = load_manifest(data_dir)
-    data = Path(data_dir)
-    n_users, n_items = manifest["n_users"], manifest["n_items"]
+    data = PreparedDataset(data_dir)
     device = distributed.init_distributed(device).device    # cuda:LOCAL_RANK under torchrun
-    distributed.prepare_feature_cache(features or manifest["features"])   # built once, then mapped
-    model = load_model(checkpoint, features or manifest["features"], backend, device, n_users, n_items)
-    groups = read_evaluation(data / manifest["files"]["evaluation"], n_users=n_users, n_items=n_items)
-    history = UserHistory.load(data / manifest["files"]["history"]) if "standard" in protocols else None
+    distributed.prepare_feature_cache(data.features(features))   # built once, then mapped
+    model = load_model(checkpoint, data.features(features), backend, device, data.n_users, data.n_items)
+    groups = data.evaluation()
+    history = data.history() if "standard" in protocols else None
     if max_profile_size is None:
         max_profile_size = getattr(model, "max_profile_size", 9)
     res = evaluate_groups(model, groups, history, ks, protocols, max_profile_size, memory_mb,
@@ -158,7 +155,7 @@ def evaluate(checkpoint, data_dir, out_dir=None, features=None, ks=KS,
     summary = {p: mean_metrics(res["per_group"][p]) for p in protocols}
     report = {
         "checkpoint": str(checkpoint), "data_dir": str(data_dir), "n_groups": len(groups),
-        "n_items": n_items, "ks": list(ks), "metrics": summary,
+        "n_items": data.n_items, "ks": list(ks), "metrics": summary,
         "by_history_size": ({p: by_size(res["per_group"][p], res["sizes"]["history_size"])
                              for p in protocols} if "history_size" in res["sizes"] else {}),
         "by_profile_size": {p: by_size(res["per_group"][p], res["sizes"]["profile_size"],
@@ -177,31 +174,3 @@ def evaluate(checkpoint, data_dir, out_dir=None, features=None, ks=KS,
         write_report(report, Path(out_dir), plot)
     distributed.barrier()        # the report exists before any rank returns
     return report
-
-
-def write_report(report: dict, out: Path, plot: bool = True) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    names = metric_names(report["ks"])
-    with open(out / "metrics.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["protocol"] + names)
-        for p, values in report["metrics"].items():
-            w.writerow([p] + [f"{values[n]:.6f}" for n in names])
-    (out / "metrics.txt").write_text(report["table"] + "\n" + report.get("table_extra", "") + "\n")
-    paths = {"json": str(out / "metrics.json"), "csv": str(out / "metrics.csv")}
-    if plot and report["by_history_size"]:
-        from .plots import MissingPlotting, plot_metrics_by_size
-
-        try:
-            paths["png"] = str(plot_metrics_by_size(report["by_history_size"],
-                                                    out / "metrics_by_history_size.png",
-                                                    "training-history size (items)"))
-            paths["png_profile"] = str(plot_metrics_by_size(report["by_profile_size"],
-                                                            out / "metrics_by_profile_size.png",
-                                                            "profile size (items)"))
-        except MissingPlotting as exc:
-            # the metrics are written; the figures are a convenience, not a reason to fail
-            print(f"acf-fast: figures skipped ({exc})", file=sys.stderr)
-    report["files"] = paths
-    return paths

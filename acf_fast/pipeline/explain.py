@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..data.history import UserHistory
-from ..data.sampling import load_manifest
+from ..data.prepared import PreparedDataset
 from ..model.acf import load_model
 from ..model.features import feature_names
 from ..evaluation.plots import pyplot
@@ -165,10 +165,10 @@ def explain(checkpoint, data_dir, user: int, out, k: int = 10, images_dir=None, 
             exclude: str = "profile", planted=None, backend: str = "auto",
             device: str = "cpu") -> dict:
     """Write `out` (PNG) and `out` with .json (the numbers drawn); returns that dict."""
-    manifest = load_manifest(data_dir)
-    features = features or manifest["features"]
-    history = UserHistory.load(Path(data_dir) / manifest["files"]["history"])
-    model = load_model(checkpoint, features, backend, device, manifest["n_users"], manifest["n_items"])
+    data = PreparedDataset(data_dir)
+    features = data.features(features)
+    history = data.history()
+    model = load_model(checkpoint, features, backend, device, data.n_users, data.n_items)
     exp = user_explanation(model, history, int(user), k, exclude,
                            getattr(model, "max_profile_size", 9))
     names = None

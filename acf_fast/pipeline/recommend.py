@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..data.history import UserHistory
-from ..data.sampling import load_manifest
+from ..data.prepared import PreparedDataset
 from ..model.acf import load_model
 
 
@@ -56,10 +56,9 @@ def top_k(model, history: UserHistory, users: np.ndarray, k: int, exclude_consum
 def recommend(checkpoint, data_dir, users=None, k: int = 10, exclude_consumed: bool = True,
               out=None, features=None, backend: str = "auto", device: str = "cpu") -> dict:
     """Recommendations {user_id: [(item_id, score), ...]}; written to `out` (.json or .csv) if given."""
-    manifest = load_manifest(data_dir)
-    history = UserHistory.load(Path(data_dir) / manifest["files"]["history"])
-    model = load_model(checkpoint, features or manifest["features"], backend, device,
-                       manifest["n_users"], manifest["n_items"])
+    data = PreparedDataset(data_dir)
+    history = data.history()
+    model = load_model(checkpoint, data.features(features), backend, device, data.n_users, data.n_items)
     wanted = parse_users(users)
     users_arr = (np.arange(history.n_users) if wanted is None else history.check_users(wanted))
     ids, scores = top_k(model, history, users_arr, k, exclude_consumed,
