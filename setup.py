@@ -9,8 +9,7 @@ sources where there is. Knobs:
   MAX_JOBS                parallel compile jobs (default: number of cores)
 """
 
-import glob
-import hashlib
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
@@ -22,20 +21,14 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 LIMITED_API = (3, 10)
 
 
-def source_hash(paths):
-    """Hash of the native sources, compiled in so a stale build is detected at call time."""
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        with open(p, "rb") as fh:
-            h.update(os.path.basename(p).encode() + fh.read())
-    return h.hexdigest()[:16]
-
-
-def native_sources():
-    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    headers = sorted(glob.glob(os.path.join("csrc", "*.h")))
-    return cpp, cu, headers
+def _source_hash_module():
+    """acf_fast/backends/source_hash.py, loaded by path: the loader's own recipe for the
+    hash it checks, without importing acf_fast (or torch) here."""
+    path = os.path.join(ROOT, "acf_fast", "backends", "source_hash.py")
+    spec = importlib.util.spec_from_file_location("_acf_fast_source_hash", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def ext_modules():
@@ -43,12 +36,14 @@ def ext_modules():
         return [], {}
     from torch.utils import cpp_extension as ce
 
-    cpp, cu, headers = native_sources()
+    hashing = _source_hash_module()
+    cpp, cu, _headers = hashing.native_sources("csrc")
     if not cpp:
         return [], {}
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     debug = os.environ.get("DEBUG") == "1"
-    digest = source_hash(cpp + cu + headers)
+    # compiled in, so that a stale build is detected at load time (acf_fast.backends.cpu)
+    digest = hashing.source_hash("csrc")
     # Python's own CFLAGS often carry -g: without -g0 and a stripping link the extension is
     # 6.6 MB of debug info around 0.2 MB of code.
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]

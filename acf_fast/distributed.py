@@ -1,57 +1,12 @@
-"""Scale-out on torch.distributed: `torchrun` runs acf_fast unchanged.
+"""torch.distributed plumbing: `torchrun` runs acf_fast unchanged.
 
-What each piece is for, and the choices made:
-
-- `init_distributed()` reads what torchrun exports (RANK, WORLD_SIZE, LOCAL_RANK,
-  LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and starts the default process group:
-  NCCL when the rank's device is a GPU (one GPU per LOCAL_RANK), gloo on CPU. With
-  WORLD_SIZE unset or 1 it starts nothing and everything below degrades to the
-  single-process behaviour, so callers need no `if distributed:` branches.
-
-- Epoch semantics. Single-process training (acf_fast.training.trainer) walks a seeded
-  permutation of ALL triplets in global batches of `batch_size`. Distributed
-  training walks the very same permutation and the same global batches; global
-  batch b is cut into `world_size` contiguous micro-batches (`torch.tensor_split`:
-  sizes differ by at most one), rank r takes piece r. The union of the ranks'
-  micro-batches is exactly single-process batch b, whatever the world size.
-  Last-batch policy: nothing is padded or dropped. The last global batch keeps its
-  true size (the tutorial's DataLoader has drop_last=False); it is split like the
-  others, and a rank whose piece is empty (fewer examples than ranks) runs one
-  zero-weight stand-in example so that every rank joins DDP's all-reduce.
-
-- Loss equivalence. DDP averages gradients over ranks. A rank's loss is therefore
-  `world_size * (sum of its per-example terms) / global_batch_size`: the average
-  over ranks of that is the global mean, exactly the single-process loss, also when
-  micro-batches have unequal sizes (a mean of per-rank means would not be). The
-  tutorial's WARP weight log(V + 1) + 1 uses V, the number of violating pairs in the
-  whole batch; V is all-reduced before weighting, so each example gets the weight
-  single-process training gives it.
-
-- DDP wrapping (`wrap_model`). ACF's buffers (the feature table and the catalogue
-  ids) are inputs, identical on every rank by construction and never trained. They
-  are put on DDP's ignore list: no broadcast at construction (the table can be
-  13 GB, and on CPU it is a read-only memory map that a broadcast would write into)
-  and none per step. The tutorial's `user_model.w_v` is created but never used, so it
-  never gets a gradient; it is on the ignore list too, which keeps
-  find_unused_parameters=False (no graph walk each step) and keeps w_v exactly as in
-  single-process training. The alternative, find_unused_parameters=True, would
-  all-reduce a zero gradient into w_v, and Adam's weight decay would then move a
-  parameter that single-process training leaves alone. Being ignored, w_v is not
-  synchronised by DDP, so `wrap_model` broadcasts it from rank 0 once.
-
-- Feature table per node (`prepare_feature_cache`). Converting the tutorial's
-  feature file into the memory-mappable cache is done once: global rank 0 first,
-  then local rank 0 of each other node (a no-op on a shared filesystem, a build on
-  node-local disks); the other ranks wait and then map the finished cache
-  read-only, so a node's ranks share one copy in the page cache.
-
-- Metrics (`gather_rows`, `gather_ordered`). Distributed evaluation gathers the
-  per-group metric rows (and per-batch validation sums with their counts) into
-  their single-process order, and the caller reduces them exactly as a single
-  process does: the numbers are the same bits, not an average of per-rank averages.
-
-- Checkpoints (`save_on_main`): only rank 0 writes (atomically), then all ranks meet
-  at a barrier so nobody reads a checkpoint before it exists.
+The process group, collectives, DDP wrapping, the feature cache built once per node,
+rank-0 checkpoint writes, and per-rank results gathered back into single-process order.
+With WORLD_SIZE unset or 1 nothing is started and every helper degrades to the
+single-process behaviour, so callers need no `if distributed:` branches. The design is
+in docs/distributed.md; its training parts live with the training code: the epoch walk
+every rank shares (acf_fast.training.sampler) and the loss scaled for DDP's gradient
+average (acf_fast.training.steps). Imports only torch, numpy, acf_fast.model and utils.
 """
 
 from __future__ import annotations
@@ -67,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .model.losses import get_loss, sigmoid_loss
 from .utils import env
 
 DEFAULT_TIMEOUT_S = 1800   # torch's own default; a long feature conversion may need more
@@ -126,6 +80,10 @@ def _rank_device(requested: str | torch.device | None, local_rank: int, world: i
 def init_distributed(device: str | torch.device | None = "cpu", backend: str | None = None,
                      timeout_s: float | None = None) -> DistContext:
     """Start the process group from torchrun's environment; returns this rank's context.
+
+    Reads what torchrun exports (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT): NCCL when the rank's device is a GPU (one GPU per
+    LOCAL_RANK), gloo on CPU (docs/distributed.md#process-group).
 
     device: the device the caller asked for ('cpu', 'cuda', None = CUDA if available);
     under torchrun a CUDA device becomes cuda:LOCAL_RANK. backend: None picks
@@ -226,131 +184,46 @@ def all_gather_object(obj) -> list:
     return out
 
 
-# ---------------------------------------------------------------------------- sampling
-def split_global_batch(batch_idx: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, int]:
-    """This rank's piece of one global batch: (indices, n_real).
-
-    Pieces are contiguous, in rank order, sizes differing by at most one, so their
-    concatenation over ranks is `batch_idx` itself. A rank whose piece is empty gets
-    one stand-in index (the batch's first) and n_real = 0: it must still run forward
-    and backward so that DDP's gradient all-reduce has every rank; its loss weight is 0.
-    """
-    if batch_idx.numel() == 0:
-        raise ValueError("a global batch must not be empty")
-    piece = torch.tensor_split(batch_idx, world_size)[rank]
-    if piece.numel() == 0:
-        return batch_idx[:1], 0
-    return piece, int(piece.numel())
+def _collective_device(ctx: DistContext) -> torch.device:
+    return ctx.device if ctx.backend == "nccl" else torch.device("cpu")
 
 
-class DistributedBatchSampler:
-    """The single-process epoch order, shared out by rank.
-
-    Epoch e is `permutation(n, seed, e)` (default: acf_fast.training.trainer.epoch_permutation),
-    cut into ceil(n / batch_size) global batches; `local(e, step)` is this rank's
-    piece of global batch `step` (see `split_global_batch`). With one process it is
-    the whole global batch.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None,
-                 permutation: Callable[[int, int, int], torch.Tensor] | None = None):
-        if n < 1 or batch_size < 1:
-            raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
-        ctx = context()
-        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
-        self.rank = ctx.rank if rank is None else int(rank)
-        self.world_size = ctx.world_size if world_size is None else int(world_size)
-        if permutation is None:
-            from .training.trainer import epoch_permutation as permutation
-        self.permutation = permutation
-        self._perm_epoch, self._perm = None, None
-
-    def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
-
-    def _epoch_perm(self, epoch: int) -> torch.Tensor:
-        if self._perm_epoch != epoch:
-            self._perm, self._perm_epoch = self.permutation(self.n, self.seed, epoch), epoch
-        return self._perm
-
-    def global_batch(self, epoch: int, step: int) -> torch.Tensor:
-        if not 0 <= step < len(self):
-            raise IndexError(f"step {step} outside [0, {len(self)})")
-        return self._epoch_perm(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
-
-    def local(self, epoch: int, step: int) -> tuple[torch.Tensor, int, int]:
-        """(this rank's indices, n_real, global batch size)."""
-        batch = self.global_batch(epoch, step)
-        idx, n_real = split_global_batch(batch, self.rank, self.world_size)
-        return idx, n_real, int(batch.numel())
-
-    def epoch(self, epoch: int, start_step: int = 0):
-        for step in range(start_step, len(self)):
-            yield self.local(epoch, step)
-
-
-def shard_blocks(n: int, block: int, rank: int | None = None, world_size: int | None = None):
-    """The [start, stop) blocks of a single-process loop `range(0, n, block)` this rank owns
-    (block i goes to rank i % world_size). Whole blocks are dealt out, not rows, so every
-    block is computed with exactly the batch shape a single process uses."""
-    ctx = context()
-    rank = ctx.rank if rank is None else rank
-    world_size = ctx.world_size if world_size is None else world_size
-    return [(s, min(s + block, n)) for s in range(rank * block, n, block * world_size)]
-
-
-# ---------------------------------------------------------------------------- losses
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over ranks, in place (a no-op in one process)."""
     if context().is_distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
-def per_example_terms(loss: str, pos: torch.Tensor, neg: torch.Tensor, n_real: int | None = None,
-                      ) -> torch.Tensor:
-    """The per-example terms whose global-batch mean is the loss (stand-ins give 0).
-
-    For `warp` the violation count V is the global batch's (all-reduced): every rank
-    must call this at every step, including ranks holding only a stand-in.
-    """
-    get_loss(loss)
-    n_real = pos.shape[0] if n_real is None else n_real
-    real = torch.arange(pos.shape[0], device=pos.device) < n_real
-    if loss == "warp":
-        # losses.warp_loss with V counted over the global batch, not this rank's piece
-        terms = sigmoid_loss(pos, neg, 1.0, collapse=False)
-        violating = ((terms > 0.5) & real).to(terms.dtype)
-        count = _all_reduce_sum(violating.sum().detach())
-        return violating * (torch.log(count + 1) + 1) * terms
-    terms = get_loss(loss)(pos, neg, collapse=False)
-    return torch.where(real, terms, torch.zeros_like(terms))
+def all_reduce_sums(*values: float) -> list[float]:
+    """Sums over ranks of float64 scalars (e.g. a metric sum and its count)."""
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device(context()))
+    return [float(x) for x in all_reduce_sum(t)]
 
 
-def distributed_loss(loss: str, pos: torch.Tensor, neg: torch.Tensor, n_real: int,
-                     global_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to backward through DDP, this rank's detached sum of terms).
-
-    The backward loss is world_size * sum(terms) / global_batch_size, so DDP's gradient
-    average is the gradient of the single-process mean loss over the global batch.
-    `global_loss_value` turns the detached sums into that mean for logging.
-    """
-    terms = per_example_terms(loss, pos, neg, n_real)
-    local_sum = terms.sum()
-    scale = context().world_size / float(global_batch_size)
-    return local_sum * scale, local_sum.detach()
-
-
-def global_loss_value(local_sum: torch.Tensor, global_batch_size: int) -> float:
-    """The global batch's mean loss (one scalar all-reduce)."""
-    total = _all_reduce_sum(local_sum.detach().clone().double())
-    return float(total) / global_batch_size
+def all_reduce_max(value: int, ctx: DistContext | None = None) -> int:
+    """The largest of the ranks' `value`s (one tiny all-reduce), e.g. a signal that one
+    rank received, so that every rank acts on it at the same step."""
+    ctx = ctx or context()
+    if not ctx.is_distributed:
+        return value
+    flag = torch.tensor([value], dtype=torch.int64, device=_collective_device(ctx))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 # ---------------------------------------------------------------------------- DDP
 def ignored_names(model) -> list[str]:
-    """What DDP must leave alone in an ACF: every buffer (feature table, catalogue ids) and
-    the never-used `user_model.w_v`."""
+    """What DDP must leave alone in an ACF (docs/distributed.md#ddp-wrapping).
+
+    Every buffer: the feature table and the catalogue ids are inputs, identical on every
+    rank by construction and never trained, so they are never broadcast, neither at
+    construction (the table can be 13 GB, and on CPU it is a read-only memory map that a
+    broadcast would write into) nor per step. And the tutorial's `user_model.w_v`, created
+    but never used: ignoring it keeps find_unused_parameters=False (no graph walk each
+    step) and keeps w_v exactly as one process leaves it, where find_unused_parameters=True
+    would all-reduce a zero gradient into it that Adam's weight decay then acts on.
+    """
     names = [n for n, _ in model.named_buffers()]
     names += [n for n, _ in model.named_parameters() if n.startswith("user_model.w_v.")]
     return names
@@ -360,7 +233,9 @@ def wrap_model(model, ctx: DistContext | None = None, **ddp_kwargs):
     """`model` in DistributedDataParallel when distributed, else `model` itself.
 
     The model must already be on `ctx.device`. Train through the returned wrapper
-    (its forward is ACF.forward); read and save parameters through `unwrap(...)`.
+    (its forward is ACF.forward); read and save parameters through `unwrap(...)`. DDP
+    leaves `ignored_names(model)` alone, so w_v is broadcast from rank 0 once here, and
+    the ranks check that they hold the same feature table and catalogue.
     """
     ctx = ctx or context()
     if not ctx.is_distributed:
@@ -414,8 +289,9 @@ def prepare_feature_cache(path, dtype: torch.dtype = torch.float32) -> None:
 
     Global rank 0 builds (or validates) first; then local rank 0 of every other node,
     which finds it current on a shared filesystem and builds it on node-local disks.
-    Errors on the builder are re-raised on every rank instead of leaving the others
-    waiting at a barrier until the timeout.
+    The other ranks wait, then map the finished cache read-only: a node's ranks share
+    one copy in the page cache. Errors on the builder are re-raised on every rank
+    instead of leaving the others waiting at a barrier until the timeout.
     """
     ctx = context()
     if not ctx.is_distributed:
@@ -469,7 +345,8 @@ def gather_rows(rows: dict[str, np.ndarray], positions: np.ndarray, total: int) 
     rows: {name: array [n_local, ...]} for the groups at `positions` (indices into
     0..total-1). Returns {name: array [total, ...]} on every rank; every position must
     be covered exactly once. Callers then reduce (mean, by-size tables...) the full
-    arrays exactly as a single process does, so the results are bitwise equal.
+    arrays exactly as a single process does, so the results are bitwise equal, not an
+    average of per-rank averages.
     """
     positions = np.asarray(positions, dtype=np.int64)
     for name, value in rows.items():
@@ -507,8 +384,11 @@ def gather_ordered(values: list, positions: list[int], total: int) -> list:
     return merged
 
 
-def all_reduce_sums(*values: float) -> list[float]:
-    """Sums over ranks of float64 scalars (e.g. a metric sum and its count)."""
-    t = torch.tensor(values, dtype=torch.float64,
-                     device=context().device if context().backend == "nccl" else "cpu")
-    return [float(x) for x in _all_reduce_sum(t)]
+def shard_blocks(n: int, block: int, rank: int | None = None, world_size: int | None = None):
+    """The [start, stop) blocks of a single-process loop `range(0, n, block)` this rank owns
+    (block i goes to rank i % world_size). Whole blocks are dealt out, not rows, so every
+    block is computed with exactly the batch shape a single process uses."""
+    ctx = context()
+    rank = ctx.rank if rank is None else rank
+    world_size = ctx.world_size if world_size is None else world_size
+    return [(s, min(s + block, n)) for s in range(rank * block, n, block * world_size)]

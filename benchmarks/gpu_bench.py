@@ -1,7 +1,7 @@
 """Training-step benchmark on a CUDA GPU: reference vs triton backend.
 
 One step = forward (pair scores), WARP loss, backward, Adam (lr 1e-3, wd 1e-5), on the
-SPEC's workload: 1,000-item catalogue, M = 49, F = 2048, D = 128, P <= 9 with lengths
+The benchmarks' workload (cost model: docs/model.md#cost-per-batch): 1,000-item catalogue, M = 49, F = 2048, D = 128, P <= 9 with lengths
 drawn from 0..9, B = 128 and 1024, feature table resident on the GPU in fp32 or bf16.
 Matmul precision: "ieee" (torch default, no TF32) and "tf32" (allow_tf32 for both
 backends). Timing: CUDA events around each step, median of REPS after WARMUP.

@@ -14,7 +14,7 @@ import torch
 from acf_fast.model.losses import warp_loss
 from acf_fast.testing import random_features, random_model, wikimedia_batch
 
-# SPEC.md "Cost": B = 128, P <= 9 (lengths 0..9), M = 49, F = 2048, D = 128; 1,000 items.
+# docs/model.md#cost-per-batch: B = 128, P <= 9 (lengths 0..9), M = 49, F = 2048, D = 128; 1,000 items.
 WIKIMEDIA = dict(n_users=1079, n_items=1000, m=49, f=2048, d=128)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import harness
-from acf_fast.backends import cpu_extension as _ext
+from acf_fast.backends import cpu as _ext
 
 _reason = _ext._load()[1]
 pytestmark = pytest.mark.skipif(_reason is not None or harness.device().type != "cpu",
@@ -50,7 +50,7 @@ def test_train_step_peak_memory(dtype):
 CATALOGUE = 33_000      # the Wikimedia catalogue has 32,958 items
 USERS = 1_000
 PROFILE = 10            # the tutorial's evaluation profile: the user's last 10 training items
-USER_BLOCK = 250        # users per batched recommend_all call (as acf_fast.evaluation.evaluate blocks them)
+USER_BLOCK = 250        # users per recommend_batch call (as acf_fast.evaluation.evaluate blocks them)
 REFERENCE_SAMPLE = 40   # users timed one at a time for the reference; the time is scaled up
 
 
@@ -108,7 +108,7 @@ def test_recommend_all_cpu(benchmark, catalogue):
 
     def run():
         for s in range(0, USERS, USER_BLOCK):
-            model.recommend_all(users[s:s + USER_BLOCK], profiles[s:s + USER_BLOCK])
+            model.recommend_batch(users[s:s + USER_BLOCK], profiles[s:s + USER_BLOCK])
 
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
     harness.record(f"recommend_all {dtype} {USERS}u x {CATALOGUE}", "cpu", benchmark,
@@ -120,9 +120,9 @@ def test_recommend_all_cpu_matches_reference(catalogue):
     _, model, users, profiles = catalogue
     n = 8
     model.backend = "cpu"
-    fast = model.recommend_all(users[:n], profiles[:n])
+    fast = model.recommend_batch(users[:n], profiles[:n])
     model.backend = "reference"
-    slow = torch.cat([model.recommend_all(users[i:i + 1], profiles[i:i + 1]) for i in range(n)])
+    slow = torch.stack([model.recommend_all(users[i:i + 1], profiles[i:i + 1]) for i in range(n)])
     torch.testing.assert_close(fast, slow, rtol=1e-2, atol=1e-2)
 
 
@@ -170,7 +170,7 @@ def test_recommend_all_one_thread_cpu_time(catalogue):
 
     def fast():
         for s in range(0, USERS, USER_BLOCK):
-            model.recommend_all(users[s:s + USER_BLOCK], profiles[s:s + USER_BLOCK])
+            model.recommend_batch(users[s:s + USER_BLOCK], profiles[s:s + USER_BLOCK])
 
     model.backend = "reference"
     harness.record(group, "reference", timed=f"{REFERENCE_SAMPLE}users_scaled",

@@ -26,7 +26,7 @@ def test_recommend_all_reference(benchmark, dtype):
     data = wikimedia_batch(model, batch=BATCH)
 
     def run():
-        scores = model.recommend_all(data.user_ids, data.profile_ids)
+        scores = model.recommend_batch(data.user_ids, data.profile_ids)
         if scores.is_cuda:
             torch.cuda.synchronize()
         return scores

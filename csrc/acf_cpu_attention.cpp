@@ -358,16 +358,7 @@ attention_backward_cpu(const at::Tensor& g_user, const at::Tensor& g_alpha,
 
 }  // namespace acf_fast
 
-TORCH_LIBRARY_FRAGMENT(acf_fast, m) {
-  m.def("acf_attention(Tensor xy, Tensor uc, Tensor ut, Tensor pp, Tensor prof, "
-        "Tensor slot_item, Tensor w2, Tensor c2, Tensor w1, Tensor c1) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("acf_attention_backward(Tensor g_user, Tensor g_alpha, Tensor g_beta, Tensor xy, "
-        "Tensor uc, Tensor ut, Tensor pp, Tensor prof, Tensor slot_item, Tensor w2, "
-        "Tensor w1, Tensor alpha, Tensor beta) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
+// The schemas are in acf_library.cpp.
 TORCH_LIBRARY_IMPL(acf_fast, CPU, m) {
   m.impl("acf_attention", &acf_fast::attention_cpu);
   m.impl("acf_attention_backward", &acf_fast::attention_backward_cpu);

@@ -268,13 +268,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_items_backward_cpu(const at::Tensor& g
 
 }  // namespace acf_fast
 
-TORCH_LIBRARY_FRAGMENT(acf_fast, m) {
-  m.def("reduce_items(Tensor table, Tensor items, Tensor weight, Tensor bias, "
-        "bool bf16_gemm=False) -> Tensor");
-  m.def("reduce_items_backward(Tensor grad, Tensor table, Tensor items, Tensor weight, "
-        "bool bf16_gemm=False) -> (Tensor, Tensor)");
-}
-
+// The schemas are in acf_library.cpp.
 TORCH_LIBRARY_IMPL(acf_fast, CPU, m) {
   m.impl("reduce_items", &acf_fast::reduce_items_cpu);
   m.impl("reduce_items_backward", &acf_fast::reduce_items_backward_cpu);

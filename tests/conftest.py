@@ -34,7 +34,7 @@ def backends_required() -> bool:
 
 def missing_backends() -> list[str]:
     """Why a fused backend's tests would skip here (empty when both can run)."""
-    from acf_fast.backends import cpu_extension as _ext
+    from acf_fast.backends import cpu as _ext
 
     problems = []
     ops, reason = _ext._load()
@@ -115,7 +115,7 @@ def tiny_prepared_dataset(root):
 def tiny_train_config(root, out, **overrides):
     """A TrainConfig for tiny_prepared_dataset(root): 5 steps per epoch of 128, 2 epochs,
     the reference backend, no early stopping, no progress bars."""
-    from acf_fast.training.trainer import TrainConfig
+    from acf_fast.training import TrainConfig
 
     base = dict(data_dir=str(root / "prep"), out_dir=str(out), epochs=2, model_dim=16, lr=1e-2,
                 patience=0, progress=False, backend="reference", val_rank_samples=32)

@@ -1,8 +1,10 @@
-"""The native CPU backend: W_red once per distinct item, then one fused attention pass.
+"""The native CPU backend: the one module that loads the extension acf_fast._C (with a
+useful message when it is absent or stale) and registers its fakes and autograd.
 
 Plan per batch (SPEC "Cost, for orientation"):
 1. the distinct real items of the batch's profiles (padding skipped) and, per slot,
-   the index of its item among them (-1 for padding);
+   the index of its item among them (-1 for padding): acf_fast.backends.planning, the
+   planner the triton backend uses too;
 2. R = W_red x + b_red for those items only (acf_fast::reduce_items: chunked gather +
    GEMM; a 16-bit table is read as 16-bit and widened in cache, or with
    ACF_FAST_BF16_GEMM=1 multiplied in bf16 with fp32 accumulation);
@@ -10,31 +12,184 @@ Plan per batch (SPEC "Cost, for orientation"):
    item, W2u u and W1u u per user, W1p p per slot (biases folded where cheapest);
 4. acf_fast::acf_attention: both softmaxes and the user vector, fused per user.
 Autograd runs through ATen for the GEMMs and through the native backwards for 2 and 4.
+
+The ops (schemas in csrc/acf_library.cpp, CPU kernels in csrc/acf_cpu_*.cpp):
+
+- acf_fast::reduce_items(table, items, W_red, b_red, bf16_gemm) -> R [K, M, D]:
+  W_red once per distinct item; backward gives (dW_red, db_red) (the table is data).
+  bf16_gemm multiplies a bfloat16 table in bf16 instead of widening it to the compute
+  dtype (see csrc/acf_cpu_reduce.cpp; default from ACF_FAST_BF16_GEMM=1).
+- acf_fast::acf_attention(xy, uc, ut, pp, prof, slot_item, w2, c2, w1, c1)
+  -> (user [B, D], alpha [B, P], beta [B, P, M]): both attention levels fused;
+  backward recomputes from the saved softmaxes alpha and beta.
+
+`register_fake` lets torch.compile trace them; `register_autograd` ties each forward to
+its native backward. Import of acf_fast never needs the extension: only this backend
+does, and it loads the extension at call time.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from . import cpu_ops
 from ..model.reference import score
 from ..model.weights import ACFWeights
+from ..utils import env
+from . import planning
+from .source_hash import source_hash
 
+# ------------------------------------------------------------------ loading the extension
+
+BUILD_HINT = ("build it with `make build` (or `pip install --no-build-isolation -e .` in the "
+              "repository), or choose backend='reference'")
+
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+
+def _checkout_source_hash() -> str | None:
+    """Hash of csrc/ in a source checkout (the recipe setup.py compiles in); None when installed."""
+    return source_hash(_CSRC) if _CSRC.is_dir() else None
+
+
+class ExtensionError(RuntimeError):
+    pass
+
+
+@lru_cache(maxsize=None)
+def _load():
+    """(ops namespace, None) on success, (None, reason) on failure."""
+    try:
+        from .. import _C  # noqa: F401  (registers torch.ops.acf_fast.*)
+    except ImportError as exc:
+        return None, f"the native extension acf_fast._C is not built ({exc})"
+    except OSError as exc:  # e.g. undefined symbol after a torch upgrade
+        return None, f"the native extension acf_fast._C failed to load ({exc})"
+    built = torch.ops.acf_fast.source_hash()
+    expected = _checkout_source_hash()
+    if expected is not None and built != expected and not env.allow_stale_extension():
+        return None, (f"the native extension acf_fast._C is stale (built from csrc/ {built}, "
+                      f"sources now {expected})")
+    return torch.ops.acf_fast, None
+
+
+def load(required: bool = True):
+    """The `torch.ops.acf_fast` namespace, or None (required=False) / ExtensionError."""
+    ops, reason = _load()
+    if ops is None and required:
+        raise ExtensionError(f"{reason}; {BUILD_HINT}")
+    return ops
+
+
+# ------------------------------------------------------------------ fakes and autograd
+
+_REGISTERED = False
+
+
+def _reduce_setup(ctx, inputs, output):
+    table, items, weight, _bias, bf16_gemm = inputs
+    ctx.bf16_gemm = bf16_gemm
+    ctx.save_for_backward(table, items, weight)
+
+
+def _reduce_backward(ctx, grad):
+    table, items, weight = ctx.saved_tensors
+    if not (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
+        return None, None, None, None, None
+    dw, db = torch.ops.acf_fast.reduce_items_backward(grad.contiguous(), table, items, weight,
+                                                      ctx.bf16_gemm)
+    return None, None, dw, db, None
+
+
+def _attention_setup(ctx, inputs, output):
+    xy, uc, ut, pp, prof, slot_item, w2, c2, w1, c1 = inputs
+    _user, alpha, beta = output
+    ctx.shapes = (c2.shape, c1.shape)
+    ctx.save_for_backward(xy, uc, ut, pp, prof, slot_item, w2, w1, alpha, beta)
+
+
+def _attention_backward(ctx, g_user, g_alpha, g_beta):
+    xy, uc, ut, pp, prof, slot_item, w2, w1, alpha, beta = ctx.saved_tensors
+    # outputs nobody used arrive as None: they contribute nothing
+    g_user = torch.zeros_like(ut) if g_user is None else g_user
+    g_alpha = torch.zeros_like(alpha) if g_alpha is None else g_alpha
+    g_beta = torch.zeros_like(beta) if g_beta is None else g_beta
+    g_xy, g_uc, g_ut, g_pp, g_prof, g_w2, g_c2, g_w1, g_c1 = torch.ops.acf_fast.acf_attention_backward(
+        g_user, g_alpha, g_beta, xy, uc, ut, pp, prof, slot_item, w2, w1, alpha, beta)
+    c2_shape, c1_shape = ctx.shapes
+    return (g_xy, g_uc, g_ut, g_pp, g_prof, None, g_w2, g_c2.reshape(c2_shape), g_w1,
+            g_c1.reshape(c1_shape))
+
+
+def register() -> None:
+    """Load the extension and register fake kernels and autograd (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    load()
+
+    @torch.library.register_fake("acf_fast::reduce_items")
+    def _(table, items, weight, bias, bf16_gemm=False):
+        return weight.new_empty((items.shape[0], table.shape[1], weight.shape[0]))
+
+    @torch.library.register_fake("acf_fast::reduce_items_backward")
+    def _(grad, table, items, weight, bf16_gemm=False):
+        return weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
+
+    @torch.library.register_fake("acf_fast::acf_attention")
+    def _(xy, uc, ut, pp, prof, slot_item, w2, c2, w1, c1):
+        b, p = slot_item.shape
+        return ut.new_empty(ut.shape), ut.new_empty((b, p)), ut.new_empty((b, p, xy.shape[1]))
+
+    @torch.library.register_fake("acf_fast::acf_attention_backward")
+    def _(g_user, g_alpha, g_beta, xy, uc, ut, pp, prof, slot_item, w2, w1, alpha, beta):
+        return (xy.new_empty(xy.shape), uc.new_empty(uc.shape), ut.new_empty(ut.shape),
+                pp.new_empty(pp.shape), prof.new_empty(prof.shape), w2.new_empty(w2.shape),
+                xy.new_empty((1,)), w1.new_empty(w1.shape), xy.new_empty((1,)))
+
+    torch.library.register_autograd("acf_fast::reduce_items", _reduce_backward,
+                                    setup_context=_reduce_setup)
+    torch.library.register_autograd("acf_fast::acf_attention", _attention_backward,
+                                    setup_context=_attention_setup)
+    _REGISTERED = True
+
+
+def bf16_gemm_default() -> bool:
+    """ACF_FAST_BF16_GEMM=1: bf16 tables multiply in bf16 (faster only with AMX-class units)."""
+    return env.bf16_gemm()
+
+
+def reduce_items(table, items, weight, bias, bf16_gemm: bool | None = None):
+    """[K, M, D] = table[items] @ weight.T + bias, in weight's dtype (float32 accumulation)."""
+    register()
+    if bf16_gemm is None:
+        bf16_gemm = bf16_gemm_default()
+    return torch.ops.acf_fast.reduce_items(table, items, weight, bias, bf16_gemm)
+
+
+def acf_attention(xy, uc, ut, pp, prof, slot_item, w2, c2, w1, c1):
+    """(user [B, D], alpha [B, P], beta [B, P, M]); see csrc/acf_cpu_attention.cpp."""
+    register()
+    return torch.ops.acf_fast.acf_attention(xy, uc, ut, pp, prof, slot_item, w2, c2, w1, c1)
+
+
+# ------------------------------------------------------------------ backend contract
 
 def _slot_items(profile_ids: torch.Tensor, profile_mask: torch.Tensor):
-    """(distinct real item ids [K], slot -> index into them [B, P], -1 on padding)."""
-    items, inverse = torch.unique(profile_ids[profile_mask], sorted=True, return_inverse=True)
-    slot_item = torch.full_like(profile_ids, -1)
-    slot_item[profile_mask] = inverse
-    return items, slot_item
+    """(distinct real item ids [K], sorted; slot -> index into them [B, P] int64, -1 on
+    padding), from the shared planner (its exact layout: no static capacity)."""
+    plan = planning.distinct_items(profile_ids, profile_mask)
+    return plan.item_ids, plan.slot_item.long()
 
 
 def user_vectors(model, user_ids, profile_ids, profile_mask, return_attentions=False):
     w = ACFWeights.of(model)
     w.require_full_precision("cpu")
     items, slot_item = _slot_items(profile_ids, profile_mask)
-    r = cpu_ops.reduce_items(model.feature_table, items, w.red_w, w.red_b)
+    r = reduce_items(model.feature_table, items, w.red_w, w.red_b)
     # one GEMM for both per-item projections: columns [0, H) W2x r, [H, H+D) W1x r. No
     # bias here (it would cost a copy of the [K, M, H + D] output): b2x only ever appears
     # in W2x r + b2x + W2u u + b2u, so it joins b2u; b1x likewise joins b1p.
@@ -44,8 +199,8 @@ def user_vectors(model, user_ids, profile_ids, profile_mask, return_attentions=F
     ut = F.linear(u, w.i_wu, w.i_bu)
     prof = F.embedding(profile_ids, w.profile_emb, padding_idx=model.pad_token)
     pp = F.linear(prof, w.i_wp, w.i_bp + w.i_bx)
-    user, alpha, beta = cpu_ops.acf_attention(xy, uc, ut, pp, prof, slot_item,
-                                              w.c_w.reshape(-1), w.c_b, w.i_w.reshape(-1), w.i_b)
+    user, alpha, beta = acf_attention(xy, uc, ut, pp, prof, slot_item,
+                                      w.c_w.reshape(-1), w.c_b, w.i_w.reshape(-1), w.i_b)
     if return_attentions:
         return user, alpha, beta
     return user, None, None

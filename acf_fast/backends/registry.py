@@ -39,8 +39,8 @@ def triton_available() -> bool:
 
 @lru_cache(maxsize=None)
 def cpu_extension_available() -> bool:
-    from . import cpu_extension as _ext
-    return _ext.load(required=False) is not None
+    from . import cpu
+    return cpu.load(required=False) is not None
 
 
 def _backend_module_exists(name: str) -> bool:
@@ -89,8 +89,8 @@ def resolve(requested: str, device: torch.device | str) -> str:
     if device.type == "cpu" and _backend_module_exists("cpu"):
         if cpu_extension_available():
             return "cpu"
-        from . import cpu_extension as _ext
-        _warn_once(f"native CPU backend unavailable ({_ext._load()[1]}); using the reference "
+        from . import cpu
+        _warn_once(f"native CPU backend unavailable ({cpu._load()[1]}); using the reference "
                    "backend, several times slower")
     return "reference"
 

@@ -5,7 +5,7 @@ column, value) instead of failing later inside the model. Ids are parsed with
 numpy in chunks, never row by row in Python, so ten million triplets read in
 seconds and in bounded memory.
 
-Id conventions (SPEC.md): files hold 0-based item ids; everything returned here
+Id conventions (docs/formats.md#id-conventions): files hold 0-based item ids; everything returned here
 for the model is 1-based (0 is padding). Users are 0..U-1 in files and in memory.
 """
 
@@ -43,7 +43,7 @@ class Interactions:
 def read_interactions(path, n_items: int | None = None) -> Interactions:
     """Read `user_id,item_id,timestamp[,evaluation]`; n_items (from the feature file) bounds item ids.
 
-    Repeated (user, item) pairs keep the latest timestamp (SPEC.md).
+    Repeated (user, item) pairs keep the latest timestamp (docs/formats.md#interactions-csv).
     """
     fh, reader, col = open_csv(path, INTERACTION_COLUMNS)
     users, items, times = [], [], []

@@ -1,4 +1,4 @@
-"""`prepare`: the tutorial's sampling protocol (SPEC.md), vectorised.
+"""`prepare`: the tutorial's sampling protocol (docs/sampling.md), vectorised.
 
 1. Interactions (one per distinct user-item pair, latest time kept) are ordered per
    user by time and grouped into baskets by (timestamp, user).
@@ -265,7 +265,7 @@ def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_valida
     `features` (the tutorial's .npy or .h5) fixes the catalogue size N and is converted
     to the feature cache; interactions naming an item id >= N are refused.
 
-    Triplet counts (SPEC.md, the tutorial's protocol): every user gets ceil(n_train / n_users)
+    Triplet counts (docs/sampling.md#triplet-quotas): every user gets ceil(n_train / n_users)
     training and ceil(n_validation / n_users) validation triplets, so the totals are those
     per-user counts times the number of users and can exceed n_train / n_validation (n_train=2000
     over 30 users gives 67 each, 2,010 in all). A user with fewer distinct (pi, ni) pairs than

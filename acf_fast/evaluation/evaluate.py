@@ -3,7 +3,7 @@
 Each block of groups gets its user vectors in one batched call, its scores against
 the whole catalogue as one [B, N] matrix, and its ranks by sorting that matrix once
 per protocol; B is chosen from a memory budget, so peak memory does not depend
-on the number of users. Protocols (SPEC.md):
+on the number of users. Protocols (docs/metrics.md#tutorial-protocol, #standard-protocol):
 - tutorial: a target's 0-based rank among all N items, less the profile items
   ranked above it; AUC over N; nDCG's ideal DCG over the number of hits.
 - standard: every training item of the user removed from the candidates; AUC over
@@ -35,7 +35,7 @@ HISTORY_BINS = (1, 3, 6, 11, 21, 51, 101)   # bin edges on the number of trainin
 
 def catalogue_scores(model: ACF, users: torch.Tensor, profiles: torch.Tensor) -> torch.Tensor:
     """[B, N] scores of every catalogue item (column c = model.all_items[c]) in one batched call."""
-    return model.recommend_all(users, profiles)
+    return model.recommend_batch(users, profiles)
 
 
 def _block_size(n_items: int, memory_mb: float) -> int:

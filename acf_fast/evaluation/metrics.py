@@ -1,4 +1,4 @@
-"""Ranking metrics of the VisRec tutorial (SPEC.md), for one group or thousands at once.
+"""Ranking metrics of the VisRec tutorial (docs/metrics.md#definitions), for one group or thousands at once.
 
 A *group* is one user's evaluation case: n ground-truth items with 0-based ranks
 r_1 < ... < r_n among N candidates. Definitions (tutorial protocol):

@@ -2,70 +2,37 @@
 
 from __future__ import annotations
 
-import numbers
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..backends import registry as _backend
 from ..utils.devices import check_device
+from .batch_checks import PAD, BatchChecks
+from .checkpoint import build_from_checkpoint, check_feature_count
 from .features import load_feature_table, table_from_tensor
+from . import ids as _ids
 from .reference import ACFUserNet
 
-PAD = 0
+__all__ = ["ACF", "PAD", "check_feature_count", "load_model"]
 
 
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{what} must be a positive integer, got {value}")
-    return int(value)
-
-
-def _id_tensor(ids, what: str) -> torch.Tensor:
-    """An id list / array / tensor as an int64 tensor, refusing anything else by name."""
-    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
-        raise TypeError(f"{what} must be a count (int) or a list/array/tensor of integer ids, "
-                        f"got {type(ids).__name__} {ids!r}")
-    t = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids)
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"{what} must hold integer ids, got {t.dtype}")
-    return t.long()
-
-
-def _count_ids(ids, what: str) -> int:
-    """The tutorial passes id lists and sizes tables by max(id) + 1; a plain int is a count."""
-    if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
-        return _positive_int(ids, what)
-    ids = _id_tensor(ids, what)
-    if ids.numel() == 0:
-        raise ValueError(f"{what} must not be empty")
-    if ids.min() < 0:
-        raise ValueError(f"{what} contains a negative id ({int(ids.min())})")
-    return int(ids.max()) + 1
-
-
-def _catalogue(items) -> torch.Tensor:
-    """The tutorial's `all_items`: item ids shifted to 1-based when they start at 0."""
-    if isinstance(items, numbers.Integral) and not isinstance(items, bool):
-        return torch.arange(1, _positive_int(items, "items") + 1)
-    all_items = _id_tensor(items, "items")
-    if all_items.numel() == 0:
-        raise ValueError("items must not be empty")
-    if all_items.min() < 0:
-        raise ValueError(f"items contains a negative id ({int(all_items.min())})")
-    return all_items + 1 if all_items.min() == 0 else all_items
-
-
-class ACF(nn.Module):
+class ACF(BatchChecks, nn.Module):
     """Attentive Collaborative Filtering (Chen et al. 2017) as in the VisRec tutorial.
 
-    users, items: the tutorial's id lists (or plain counts). items may be 0-based; the
-        model uses 1-based item ids with 0 as padding.
+    The tutorial's arguments, with its meanings:
+    users, items: id lists (or plain counts: n users are ids 0..n-1, N items ids 1..N).
+        items may be 0-based; the model uses 1-based item ids with 0 as padding.
     feature_path: the tutorial's `.npy` object array or `.h5` file, or pass `features=`,
         an in-memory tensor [N, 7, 7, F], [N, F, 7, 7] or [N, M, F] (row i = item id i+1).
+    model_dim: D. input_feature_dim: 0, or F (checked against the features).
+    tied_item_embedding: the profile attends over the scoring embedding (the default).
+    device: where the model goes (the tutorial puts its inputs there).
+    force_h5: read the `.h5` file next to feature_path (same stem), as the tutorial does.
+
+    acf_fast's own, keyword only:
     feature_dtype: float32 (default), or float16 / bfloat16 to halve the table.
     backend: "auto", "reference", "cpu" or "triton" (see acf_fast.backends.registry).
     features_on_host: keep the feature table in host memory when the module moves to a
@@ -74,7 +41,7 @@ class ACF(nn.Module):
     """
 
     def __init__(self, users, items, feature_path=None, model_dim=128, input_feature_dim=0,
-                 tied_item_embedding=True, device=None, *, features=None,
+                 tied_item_embedding=True, device=None, force_h5=False, *, features=None,
                  feature_dtype=torch.float32, backend="auto", max_profile_size=9,
                  features_on_host=False):
         super().__init__()
@@ -82,13 +49,18 @@ class ACF(nn.Module):
         if (feature_path is None) == (features is None):
             raise ValueError("give exactly one of feature_path= or features=")
         self.pad_token = PAD
-        self.model_dim = _positive_int(model_dim, "model_dim")
-        self.max_profile_size = _positive_int(max_profile_size, "max_profile_size")
+        self.model_dim = _ids.positive_int(model_dim, "model_dim")
+        self.max_profile_size = _ids.positive_int(max_profile_size, "max_profile_size")
         self.backend = backend
         _backend.resolve(backend, "cpu")  # reject unknown names now, not at the first batch
+        self.using_h5 = bool(force_h5) and feature_path is not None
+        if self.using_h5:
+            feature_path = Path(feature_path).with_suffix(".h5")
         self.feature_path = None if feature_path is None else os.fspath(feature_path)
-        num_users = _count_ids(users, "users")
-        self.register_buffer("all_items", _catalogue(items), persistent=False)
+        # the tutorial's attributes: the ids as given (plain ints), all_items 1-based
+        self.users, self.items = _ids.user_ids(users), _ids.item_ids(items)
+        num_users = max(self.users) + 1
+        self.register_buffer("all_items", _ids.catalogue(self.items), persistent=False)
         num_items = int(self.all_items.max()) + 1
 
         table = (load_feature_table(feature_path, feature_dtype) if features is None
@@ -103,15 +75,11 @@ class ACF(nn.Module):
         self.num_components = int(table.shape[1])
         self.register_buffer("feature_table", table, persistent=False)
 
+        self.tied_item_embedding = bool(tied_item_embedding)
         self.item_model = nn.Embedding(num_items, self.model_dim, padding_idx=PAD)
         self.user_model = ACFUserNet(
             num_users, num_items, emb_dim=self.model_dim, input_feature_dim=self.input_feature_dim,
             profile_embedding=self.item_model if tied_item_embedding else None)
-        self.model_args = {
-            "users": num_users, "items": num_items - 1, "feature_path": self.feature_path,
-            "model_dim": self.model_dim, "input_feature_dim": self.input_feature_dim,
-            "tied_item_embedding": bool(tied_item_embedding),
-        }
         if device is not None:
             self.to(check_device(device))
 
@@ -150,74 +118,6 @@ class ACF(nn.Module):
     def _impl(self):
         return _backend.get(self.resolved_backend())
 
-    # ------------------------------------------------------------------ validation
-    def profile_mask_for(self, profile_ids: torch.Tensor) -> torch.Tensor:
-        return profile_ids != PAD
-
-    def _check_ids(self, ids: torch.Tensor, name: str, ndim: int, device=None) -> torch.Tensor:
-        """Type, dtype and rank; the range is checked for the whole batch at once."""
-        if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must be an int64 or int32 tensor, got {ids.dtype}")
-        if ids.dim() != ndim:
-            raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(ids.shape)}")
-        return ids.to(device or self.item_model.weight.device, torch.long)
-
-    @staticmethod
-    def _check_ranges(checks, mask_mismatch=None) -> None:
-        """All id ranges (and the mask's agreement) in one device->host sync: on a GPU every
-        sync stalls the launch queue, and a step has up to nine such checks."""
-        flags = [((ids < lowest) | (ids >= upper)).any() for _, ids, lowest, upper in checks]
-        if mask_mismatch is not None:
-            flags.append(mask_mismatch)
-        if not flags or not torch.stack(flags).any():
-            return
-        for name, ids, lowest, upper in checks:  # error path only: find the offender
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < lowest or hi >= upper:
-                raise ValueError(f"{name} contains id {lo if lo < lowest else hi}, "
-                                 f"expected ids in [{lowest}, {upper - 1}]")
-        raise ValueError("profile_mask disagrees with profile_ids: a slot must be masked "
-                         "exactly when its id is the padding id 0")
-
-    def _check_batch(self, user_ids, profile_ids, profile_mask, pos=None, neg=None, device=None):
-        """Checked ids (int64) and mask on `device` (default: the parameters' device; a
-        CUDA-graph step checks host batches on the CPU, so the GPU never waits)."""
-        user_ids = self._check_ids(user_ids, "user_ids", 1, device)
-        profile_ids = self._check_ids(profile_ids, "profile_ids", 2, device)
-        if profile_ids.shape[0] != user_ids.shape[0]:
-            raise ValueError(f"profile_ids has {profile_ids.shape[0]} rows but user_ids has "
-                             f"{user_ids.shape[0]}")
-        n_ids = self.num_items + 1
-        checks = [("user_ids", user_ids, 0, self.num_users), ("profile_ids", profile_ids, 0, n_ids)]
-        if pos is not None:
-            pos = self._check_ids(pos, "pos", 1, device)
-            neg = self._check_ids(neg, "neg", 1, device)
-            if not (pos.shape[0] == neg.shape[0] == user_ids.shape[0]):
-                raise ValueError(f"user_ids, pos and neg must have the same length, got "
-                                 f"{user_ids.shape[0]}, {pos.shape[0]}, {neg.shape[0]}")
-            # the padding id 0 is no item: scoring it would silently give 0
-            checks += [("pos", pos, 1, n_ids), ("neg", neg, 1, n_ids)]
-        derived = self.profile_mask_for(profile_ids)
-        mismatch = None
-        if profile_mask is None:
-            profile_mask = derived
-        else:
-            if not isinstance(profile_mask, torch.Tensor):
-                raise TypeError("profile_mask must be a torch.Tensor")
-            if profile_mask.shape != profile_ids.shape:
-                raise ValueError(f"profile_mask has shape {tuple(profile_mask.shape)}, expected "
-                                 f"{tuple(profile_ids.shape)} like profile_ids")
-            if profile_mask.dtype != torch.bool:
-                if profile_mask.is_floating_point() or profile_mask.is_complex():
-                    raise TypeError(f"profile_mask must be bool or integer 0/1, got {profile_mask.dtype}")
-                profile_mask = profile_mask != 0
-            profile_mask = profile_mask.to(profile_ids.device)
-            mismatch = (profile_mask != derived).any()
-        self._check_ranges(checks, mismatch)
-        return user_ids, profile_ids, profile_mask, pos, neg
-
     # ------------------------------------------------------------------ model API
     def forward(self, user_ids, profile_ids, pos, neg, profile_mask=None):
         """Scores of positive and negative items: ((u_i' . v_pos) / D, (u_i' . v_neg) / D)."""
@@ -231,18 +131,67 @@ class ACF(nn.Module):
         return self._impl().user_vectors(self, user_ids, profile_ids, profile_mask, return_attentions)
 
     def get_predictions(self, user, items):
-        return (user * self.item_model(items)).sum(-1) / self.model_dim
+        return self.score(user, self.item_model(items))
+
+    def score(self, user, items):
+        """(user . item) / D over the last dimension (the tutorial's `score`)."""
+        return (user * items).sum(-1) / self.model_dim
+
+    @property
+    def feature_data(self) -> torch.Tensor:
+        """The tutorial's feature table [N+1, 7, 7, F] (row 0 = padding): a view of
+        `feature_table` [N+1, M, F] (returned as that when M is not 49)."""
+        t = self.feature_table
+        return t.view(t.shape[0], 7, 7, t.shape[-1]) if t.shape[1] == 49 else t
+
+    def get_features(self, ids):
+        """The tutorial's `get_features`: the features of item ids (an int, list or tensor)."""
+        ids = torch.as_tensor([ids] if isinstance(ids, int) else ids, dtype=torch.long)
+        return self.feature_data[ids.to(self.feature_table.device)]
+
+    # ------------------------------------------------------------------ recommendation
+    @torch.no_grad()
+    def recommend_all(self, user_id, profile_ids, return_attentions=False, profile_mask=None,
+                      **batched):
+        """The tutorial's `recommend_all`: scores of every catalogue item, column c = item
+        `all_items[c]`.
+
+        One user (user_id [1] or 0-d, profile_ids [1, P]), as the tutorial calls it:
+        scores [N]; with return_attentions, (scores [N], component attentions [P, M],
+        profile attentions [1, P]), the tutorial's order, shapes and values (a padded
+        slot's component attentions are 1/M there, as in the tutorial).
+        Several users, where the tutorial's code has no answer: scores [B, N], and
+        attentions [B, P, M] and [B, P]. Top-k, exclusions and blocked scoring:
+        `recommend_batch`.
+        """
+        if batched:
+            raise TypeError(f"recommend_all takes the tutorial's arguments; {', '.join(batched)}: "
+                            "use recommend_batch(user_ids, profile_ids, k=, exclude=, ...)")
+        if isinstance(user_id, torch.Tensor) and user_id.dim() == 0:
+            user_id = user_id.reshape(1)
+        out = self.recommend_batch(user_id, profile_ids, return_attentions=return_attentions,
+                                   profile_mask=profile_mask)
+        if not return_attentions:
+            return out[0] if out.shape[0] == 1 else out
+        scores, component, profile = out
+        padded = (profile_ids == PAD).to(component.device).unsqueeze(-1)
+        component = component.masked_fill(padded, 1.0 / component.shape[-1])
+        if scores.shape[0] == 1:
+            return scores[0], component[0], profile
+        return scores, component, profile
 
     @torch.no_grad()
-    def recommend_all(self, user_ids, profile_ids, return_attentions=False, profile_mask=None,
-                      k=None, exclude=None, block_items: int = 65536):
-        """Score every catalogue item (`self.all_items`, column c = item all_items[c]).
+    def recommend_batch(self, user_ids, profile_ids, k=None, exclude=None, return_attentions=False,
+                        profile_mask=None, block_items: int = 65536):
+        """Batched recommendation for B users at once (acf_fast's API; any B, 1 included).
 
-        k=None returns scores [B, N] (and alpha [B, P], beta [B, P, M] when
-        return_attentions). With k, returns (top-k scores [B, k], top-k item ids [B, k])
-        without materialising more than one [B, block_items] block. `exclude` is an
-        optional [B, E] tensor of item ids (0 = none) to rank last; with k, places that
-        exclusions leave empty hold item id 0 with score -inf.
+        k=None returns scores [B, N] (column c = item all_items[c]). With k, returns (top-k
+        scores [B, k], top-k item ids [B, k]) without materialising more than one
+        [B, block_items] block. `exclude` is an optional [B, E] tensor of item ids (0 =
+        none) to rank last; with k, places that exclusions leave empty hold item id 0 with
+        score -inf. return_attentions adds, in the tutorial's order, component attentions
+        [B, P, M] and profile attentions [B, P], both 0 on padded slots:
+        (result, component, profile).
         """
         user, alpha, beta = self.user_vectors(user_ids, profile_ids, profile_mask, return_attentions)
         from .scoring import score_catalogue
@@ -258,63 +207,39 @@ class ACF(nn.Module):
                              "(NaN/inf parameters, e.g. from a diverged training run); no "
                              "ranking is possible")
         if return_attentions:
-            return result, alpha, beta
+            return result, beta, alpha
         return result
 
     # ------------------------------------------------------------------ checkpoints
+    def args(self) -> dict:
+        """The tutorial's `model_args`: plain Python values (id lists, ints, the feature
+        path), so that a checkpoint holding them loads with torch.load(weights_only=True)
+        and in either side's `ACF.from_checkpoint`."""
+        return {"users": list(self.users), "items": list(self.items),
+                "feature_path": self.feature_path, "model_dim": self.model_dim,
+                "input_feature_dim": self.input_feature_dim,
+                "tied_item_embedding": self.tied_item_embedding}
+
+    @property
+    def model_args(self) -> dict:
+        return self.args()
+
     @classmethod
-    def from_checkpoint(cls, checkpoint, *, feature_path=None, features=None,
-                        feature_dtype=torch.float32, backend="auto", map_location="cpu", device=None,
-                        n_users=None, n_items=None):
-        """Build from a tutorial checkpoint {epoch, loss, model_args, state_dict, optimizer}
-        (a dict or a path). feature_path / features override the checkpoint's feature_path.
+    def from_checkpoint(cls, checkpoint, device=None, force_h5=False, *, feature_path=None,
+                        features=None, feature_dtype=torch.float32, backend="auto",
+                        map_location="cpu", n_users=None, n_items=None):
+        """Build from a checkpoint {epoch, loss, model_args, state_dict, optimizer} (a dict
+        or a path), the tutorial's or acf_fast's. device / force_h5: as the tutorial's.
+        feature_path / features override the checkpoint's feature_path.
 
         n_users / n_items: the dataset the model is about to see. A checkpoint of another
         dataset is refused before the feature table is read (which would otherwise fail
         with a message blaming the feature file), and so is a feature file of another size.
         """
-        from .checkpoint import read_checkpoint
-
-        if device is not None:
-            check_device(device)
-        ckpt = read_checkpoint(checkpoint, map_location=map_location)
-        args = dict(ckpt.get("model_args") or {})
-        state = ckpt["state_dict"]
-        name = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "the checkpoint"
-        for what, key, expected in (("users", "user_model.user_embedding.weight", n_users),
-                                    ("items", "item_model.weight", n_items)):
-            if expected is not None and key in state:
-                have = state[key].shape[0] - (what == "items")
-                if have != expected:
-                    raise ValueError(f"checkpoint {name} was trained with {have} {what} but the "
-                                     f"dataset has {expected}: it belongs to another dataset")
-        emb = state["item_model.weight"]
-        users = args.get("users", state["user_model.user_embedding.weight"].shape[0])
-        items = args.get("items", emb.shape[0] - 1)
-        if features is None and feature_path is None:
-            feature_path = args.get("feature_path")
-            if feature_path is None:
-                raise ValueError("checkpoint names no feature_path; pass feature_path= or features=")
-        model = cls(users, items, feature_path=feature_path, features=features,
-                    model_dim=args.get("model_dim", emb.shape[1]),
-                    tied_item_embedding=args.get("tied_item_embedding", True),
-                    feature_dtype=feature_dtype, backend=backend)
-        model.load_state_dict(state)
-        if n_items is not None:
-            check_feature_count(model, n_items, feature_path if features is None else "features=")
-        if "max_profile_size" in ckpt:
-            model.max_profile_size = int(ckpt["max_profile_size"])
-        if device is not None:
-            model.to(device)
-        return model
-
-
-def check_feature_count(model: ACF, n_items: int, features) -> None:
-    """The feature file must describe exactly the catalogue the data was prepared with."""
-    have = int(model.feature_table.shape[0]) - 1
-    if have != n_items:
-        raise ValueError(f"feature file {features} has {have} items but the prepared data has "
-                         f"{n_items}; use the feature file given to `prepare`")
+        return build_from_checkpoint(
+            cls, checkpoint, device=device, force_h5=force_h5, feature_path=feature_path,
+            features=features, feature_dtype=feature_dtype, backend=backend,
+            map_location=map_location, n_users=n_users, n_items=n_items)
 
 
 def load_model(checkpoint, features, backend, device, n_users=None, n_items=None) -> ACF:

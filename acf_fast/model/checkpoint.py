@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..utils.devices import check_device
+
 REQUIRED_KEYS = ("state_dict",)
 CHECKSUM_KEY = "acf_fast_checksum"
 
@@ -25,6 +27,9 @@ def _digest_into(h, value) -> None:
             _digest_into(h, value[key])
     elif isinstance(value, (list, tuple)):
         h.update(b"L")
+        if all(type(item) is int for item in value):  # id lists: the same bytes, at once
+            h.update("".join(map(repr, value)).encode())
+            return
         for item in value:
             _digest_into(h, item)
     else:
@@ -68,10 +73,12 @@ def read_checkpoint(checkpoint, map_location="cpu") -> dict:
 
 
 def make_checkpoint(model, optimizer=None, epoch=0, loss=float("nan"), **extra) -> dict:
+    """The tutorial's checkpoint dict; model_args is `model.args()` (id lists, ints, the
+    feature path), so the tutorial's `ACF.from_checkpoint` loads it too."""
     ckpt = {
         "epoch": epoch,
         "loss": loss,
-        "model_args": dict(model.model_args),
+        "model_args": model.args(),
         "state_dict": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
     }
@@ -115,3 +122,49 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def build_from_checkpoint(cls, checkpoint, *, device=None, force_h5=False, feature_path=None,
+                          features=None, feature_dtype=torch.float32, backend="auto",
+                          map_location="cpu", n_users=None, n_items=None):
+    """`cls.from_checkpoint` (cls: ACF): the model a checkpoint describes, its state loaded."""
+    if device is not None:
+        check_device(device)
+    ckpt = read_checkpoint(checkpoint, map_location=map_location)
+    args = dict(ckpt.get("model_args") or {})
+    state = ckpt["state_dict"]
+    name = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "the checkpoint"
+    for what, key, expected in (("users", "user_model.user_embedding.weight", n_users),
+                                ("items", "item_model.weight", n_items)):
+        if expected is not None and key in state:
+            have = state[key].shape[0] - (what == "items")
+            if have != expected:
+                raise ValueError(f"checkpoint {name} was trained with {have} {what} but the "
+                                 f"dataset has {expected}: it belongs to another dataset")
+    emb = state["item_model.weight"]
+    users = args.get("users", state["user_model.user_embedding.weight"].shape[0])
+    items = args.get("items", emb.shape[0] - 1)
+    if features is None and feature_path is None:
+        feature_path = args.get("feature_path")
+        if feature_path is None:
+            raise ValueError("checkpoint names no feature_path; pass feature_path= or features=")
+    model = cls(users, items, feature_path=feature_path, features=features,
+                model_dim=args.get("model_dim", emb.shape[1]),
+                tied_item_embedding=args.get("tied_item_embedding", True),
+                force_h5=force_h5, feature_dtype=feature_dtype, backend=backend)
+    model.load_state_dict(state)
+    if n_items is not None:
+        check_feature_count(model, n_items, model.feature_path if features is None else "features=")
+    if "max_profile_size" in ckpt:
+        model.max_profile_size = int(ckpt["max_profile_size"])
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def check_feature_count(model, n_items: int, features) -> None:
+    """The feature file must describe exactly the catalogue the data was prepared with."""
+    have = int(model.feature_table.shape[0]) - 1
+    if have != n_items:
+        raise ValueError(f"feature file {features} has {have} items but the prepared data has "
+                         f"{n_items}; use the feature file given to `prepare`")

@@ -4,15 +4,22 @@ The table is [N+1, M, F] (M = 49 grid cells, row h*7+w; F = 2048 channels) with 
 all-zero row 0 for padding, so item id i reads row i. Converting the tutorial's
 files is slow and memory hungry, so it happens once into a memory-mappable `.npy`
 cache next to the source, written to a temporary file and renamed (a crash never
-leaves a half-written cache that looks valid). Later loads map the cache.
+leaves a half-written cache that looks valid). Later loads map the cache. Where the
+source's folder cannot be written (a shared, read-only dataset), the cache goes to a
+user folder ($ACF_FAST_CACHE_DIR, else $XDG_CACHE_HOME/acf_fast/features, else
+~/.cache/acf_fast/features); where that fails too, the table is read into memory.
+Either fallback prints a one-line notice.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import sys
 import warnings
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +32,9 @@ SUPPORTED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bf
 # numpy has no bfloat16: its bits are stored as uint16 and viewed back in torch.
 _NP_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 CACHE_VERSION = 2
+CACHE_DIR = "ACF_FAST_CACHE_DIR"  # where caches of read-only feature folders go
+# a folder the cache cannot be written to: read-only, not ours, or full
+_UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -34,8 +44,40 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def cache_path(source: str | os.PathLike, dtype: torch.dtype) -> Path:
+    """The cache's first choice: next to the source."""
     source = Path(source)
     return source.with_name(f"{source.name}.acf-cache-{_dtype_name(dtype)}.npy")
+
+
+def user_cache_dir() -> Path:
+    """$ACF_FAST_CACHE_DIR, else $XDG_CACHE_HOME/acf_fast/features, else ~/.cache/..."""
+    explicit = env.text(CACHE_DIR)
+    if explicit:
+        return Path(explicit).expanduser()
+    base = env.text("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "acf_fast" / "features"
+
+
+def user_cache_path(source: str | os.PathLike, dtype: torch.dtype) -> Path:
+    """The cache's second choice, for sources in folders that cannot be written: in the
+    user cache folder, named after the source's absolute path (two datasets' `features.npy`
+    never share a cache)."""
+    source = Path(source).resolve()
+    key = hashlib.sha256(str(source).encode()).hexdigest()[:16]
+    return user_cache_dir() / f"{key}-{cache_path(source, dtype).name}"
+
+
+def existing_cache(source: str | os.PathLike, dtype: torch.dtype) -> Path | None:
+    """Where the current cache of `source` is (next to it or in the user folder), if any."""
+    for dest in (cache_path(source, dtype), user_cache_path(source, dtype)):
+        if _cache_is_current(Path(source), dest, dtype):
+            return dest
+    return None
+
+
+@lru_cache(maxsize=None)
+def _notice(message: str) -> None:
+    print(f"acf_fast: {message}", file=sys.stderr)
 
 
 def _check_finite(block: torch.Tensor, first_item_row: int, source) -> None:
@@ -103,9 +145,24 @@ def table_from_tensor(features: torch.Tensor, dtype: torch.dtype | None = None) 
     return table
 
 
-def _write_cache(dest: Path, n_items: int, m: int, f: int, dtype: torch.dtype, blocks, meta) -> None:
-    """blocks yields (first_row, float32 tensor [n, M, F]); written into rows 1.. of the cache."""
+def _fill(view: torch.Tensor, blocks, dtype: torch.dtype, source) -> None:
+    """blocks yields (first_row, float32 tensor [n, M, F]); written into rows 1.. of view."""
+    for first, block in blocks:
+        _check_finite(block, first, source)
+        view[1 + first: 1 + first + block.shape[0]] = _convert_checked(block, dtype, first, source)
+
+
+def _memory_table(dtype: torch.dtype, n_items: int, m: int, f: int, blocks, meta) -> torch.Tensor:
+    """The table in memory, for a source whose cache cannot be written anywhere."""
+    table = torch.zeros((n_items + 1, m, f), dtype=dtype)
+    _fill(table, blocks, dtype, meta["source"])
+    return table
+
+
+def _write_cache(dest: Path, dtype: torch.dtype, n_items: int, m: int, f: int, blocks, meta) -> Path:
+    """The table into the cache file `dest` (and its .json), atomically."""
     name = _dtype_name(dtype)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=_NP_STORAGE[name],
@@ -114,10 +171,7 @@ def _write_cache(dest: Path, n_items: int, m: int, f: int, dtype: torch.dtype, b
         view = torch.from_numpy(out)
         if name == "bfloat16":
             view = view.view(torch.bfloat16)
-        for first, block in blocks:
-            _check_finite(block, first, meta["source"])
-            view[1 + first: 1 + first + block.shape[0]] = _convert_checked(block, dtype, first,
-                                                                           meta["source"])
+        _fill(view, blocks, dtype, meta["source"])
         out.flush()
         del out, view
         meta = {**meta, "cache_bytes": tmp.stat().st_size, "sha256": _file_sha256(tmp)}
@@ -129,6 +183,7 @@ def _write_cache(dest: Path, n_items: int, m: int, f: int, dtype: torch.dtype, b
         for leftover in (tmp, tmp.with_suffix(".json.tmp")):
             if leftover.exists():
                 leftover.unlink()
+    return dest
 
 
 def _npy_blocks(arr, path, f):
@@ -145,7 +200,7 @@ def _npy_blocks(arr, path, f):
         yield i, grid_to_components(torch.from_numpy(grid)[None], "channels_first")
 
 
-def _convert_npy(path: Path, dtype: torch.dtype, dest: Path) -> None:
+def _convert_npy(path: Path, dtype: torch.dtype, sink):
     try:
         arr = np.load(path, allow_pickle=True)
     except Exception as exc:
@@ -160,13 +215,19 @@ def _convert_npy(path: Path, dtype: torch.dtype, dest: Path) -> None:
         raise ValueError(f"{path}: expected feature arrays of shape (F, 7, 7), got {first.shape}")
     names = [str(x) for x in arr[:, 0]]
     meta = _meta(path, dtype, names)
-    _write_cache(dest, arr.shape[0], GRID * GRID, first.shape[0], dtype, _npy_blocks(arr, path, first.shape[0]), meta)
+    return sink(dtype, arr.shape[0], GRID * GRID, first.shape[0], _npy_blocks(arr, path, first.shape[0]), meta)
 
 
 CHUNK_BYTES = 8 * 2**20  # .h5 rows read per step: bounded, whatever the table size
 
 
-def _convert_h5(path: Path, dtype: torch.dtype, dest: Path) -> None:
+def _h5_names(fh, n: int) -> list[str]:
+    if "image_filenames" not in fh:
+        return [str(i) for i in range(n)]
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in fh["image_filenames"][:]]
+
+
+def _convert_h5(path: Path, dtype: torch.dtype, sink):
     import h5py
 
     try:
@@ -180,9 +241,7 @@ def _convert_h5(path: Path, dtype: torch.dtype, dest: Path) -> None:
         if ds.ndim != 4 or ds.shape[2:] != (GRID, GRID):
             raise ValueError(f"{path}: 'resnet50/layer4' must have shape (N, F, 7, 7), got {ds.shape}")
         n = ds.shape[0]
-        names = ([x.decode() if isinstance(x, bytes) else str(x) for x in fh["image_filenames"][:]]
-                 if "image_filenames" in fh else [str(i) for i in range(n)])
-        meta = _meta(path, dtype, names)
+        meta = _meta(path, dtype, _h5_names(fh, n))
         chunk = max(1, CHUNK_BYTES // (4 * ds.shape[1] * GRID * GRID))
 
         def blocks():
@@ -190,7 +249,7 @@ def _convert_h5(path: Path, dtype: torch.dtype, dest: Path) -> None:
                 block = torch.from_numpy(np.asarray(ds[s:s + chunk], dtype=np.float32))
                 yield s, grid_to_components(block, "channels_first")
 
-        _write_cache(dest, n, GRID * GRID, ds.shape[1], dtype, blocks(), meta)
+        return sink(dtype, n, GRID * GRID, ds.shape[1], blocks(), meta)
 
 
 def _meta(path: Path, dtype: torch.dtype, names) -> dict:
@@ -258,31 +317,76 @@ def _open_cache(dest: Path, dtype: torch.dtype, verify: bool | None = None) -> t
     return table.view(torch.bfloat16) if name == "bfloat16" else table
 
 
+def _converter(path: Path):
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return _convert_npy
+    if suffix in (".h5", ".hdf5"):
+        return _convert_h5
+    raise ValueError(f"{path}: unknown feature format {suffix!r}; expected .npy or .h5")
+
+
+def _build_cache(path: Path, dtype: torch.dtype, convert) -> Path | None:
+    """Convert `path` into its cache: next to it, else in the user cache folder. None when
+    neither can be written (an error of the source itself is raised as it is)."""
+    tried = []
+    for dest in (cache_path(path, dtype), user_cache_path(path, dtype)):
+        folder = next((p for p in dest.parents if p.exists()), dest.parent)
+        if not os.access(folder, os.W_OK):   # read-only mount or not ours: skip the conversion
+            tried.append(f"{dest.parent}: not writable")
+            continue
+        try:
+            convert(path, dtype, lambda *args, dest=dest: _write_cache(dest, *args))
+        except OSError as exc:
+            if exc.errno not in _UNWRITABLE:
+                raise
+            tried.append(f"{dest.parent}: {exc.strerror}")
+            continue
+        if tried:
+            _notice(f"feature cache of {path} written to {dest} ({tried[0]}; "
+                    f"set {CACHE_DIR} to choose the folder)")
+        return dest
+    _notice(f"feature cache of {path} cannot be written ({'; '.join(tried)}); reading the "
+            f"features into memory (set {CACHE_DIR} to a writable folder to cache them)")
+    return None
+
+
 def load_feature_table(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                        use_cache: bool = True, verify: bool | None = None) -> torch.Tensor:
     """Read a tutorial feature file (.npy object array or .h5) as a [N+1, M, F] table.
 
     The result is memory-mapped from the cache file (read-only); `.to(device)` copies it.
-    A truncated cache is always refused; its checksum is verified when `verify` is True,
-    or by default for caches up to VERIFY_LIMIT_BYTES.
+    The cache is next to the source, or in `user_cache_dir()` when the source's folder
+    cannot be written; use_cache=False rebuilds it. A truncated cache is always refused;
+    its checksum is verified when `verify` is True, or by default for caches up to
+    VERIFY_LIMIT_BYTES.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"feature file not found: {path}")
     _dtype_name(dtype)
-    dest = cache_path(path, dtype)
-    if not (use_cache and _cache_is_current(path, dest, dtype)):
-        suffix = path.suffix.lower()
-        if suffix == ".npy":
-            _convert_npy(path, dtype, dest)
-        elif suffix in (".h5", ".hdf5"):
-            _convert_h5(path, dtype, dest)
-        else:
-            raise ValueError(f"{path}: unknown feature format {suffix!r}; expected .npy or .h5")
+    dest = existing_cache(path, dtype) if use_cache else None
+    if dest is None:
+        convert = _converter(path)
+        dest = _build_cache(path, dtype, convert)
+        if dest is None:
+            return convert(path, dtype, _memory_table)
     return _open_cache(dest, dtype, verify)
 
 
+def _source_names(path: Path) -> list[str]:
+    if path.suffix.lower() == ".npy":
+        return [str(x) for x in np.load(path, allow_pickle=True)[:, 0]]
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        return _h5_names(fh, fh["resnet50/layer4"].shape[0])
+
+
 def feature_names(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Item names (file names) stored with a feature file's cache, row i-1 for item id i."""
-    meta = json.loads(cache_path(path, dtype).with_suffix(".json").read_text())
-    return meta["names"]
+    """Item names (file names) stored with a feature file's cache, row i-1 for item id i
+    (read from the source itself when it has no cache)."""
+    dest = existing_cache(path, dtype)
+    if dest is None:
+        return _source_names(Path(path))
+    return json.loads(dest.with_suffix(".json").read_text())["names"]

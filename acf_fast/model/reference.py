@@ -1,12 +1,14 @@
-"""Pure-PyTorch reference ACF: the tutorial's modules, batched, with SPEC.md's fixes.
+"""Pure-PyTorch reference ACF: the tutorial's modules, batched, with the fixes
+docs/model.md#departures-from-the-tutorial-and-the-paper lists.
 
 This is the ground truth every fused backend is tested against, and the path for
 GPUs Triton does not support. It follows the VisRec tutorial's computation order
 on purpose (gather every [B, P, M, F] feature, reduce, attend) so that it is also
 the baseline the benchmarks measure against.
 
-Deviations from the tutorial code, all taken from SPEC.md:
-- an empty profile gives alpha = 0 (the tutorial produces NaN);
+Deviations from the tutorial code (docs/model.md#departures-from-the-tutorial-and-the-paper):
+- an empty profile gives alpha = 0 with a finite softmax (the tutorial's models/acf.py
+  gets 0 by replacing the softmax's NaN; the version in its slides returns NaN);
 - attentions are returned as [B, P] and [B, P, M], zero on padded slots.
 """
 

@@ -18,7 +18,7 @@ from .explain import explain
 from .extract import extract
 from .demo import DemoConfig, planted_attention_ratio, run_demo
 from .recommend import recommend
-from ..training.trainer import TrainConfig, Trainer, train
+from ..training import TrainConfig, Trainer, train
 
 __all__ = ["DemoConfig", "SynthConfig", "TrainConfig", "Trainer", "evaluate", "explain", "extract",
            "load_model", "load_planted", "planted_attention_ratio", "prepare", "read_evaluation",

@@ -220,7 +220,7 @@ def run(args) -> int:
                     n_validation=args.n_validation, seed=args.seed, holdout_baskets=args.holdout_baskets)
         print(json.dumps(m, indent=2))
     elif cmd == "train":
-        from ..training.trainer import TrainConfig, train
+        from ..training import TrainConfig, train
 
         cfg = TrainConfig(data_dir=args.data, out_dir=args.out, features=args.features, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,

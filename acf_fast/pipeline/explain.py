@@ -41,7 +41,7 @@ def user_explanation(model, history: UserHistory, user: int, k: int = 10,
     excl = (prof if exclude == "profile" else None if exclude == "none"
             else torch.from_numpy(history.padded(users, "train")).to(device))
     u = torch.from_numpy(users).to(device)
-    (scores, items), alpha, beta = model.recommend_all(u, prof, return_attentions=True, k=k, exclude=excl)
+    (scores, items), beta, alpha = model.recommend_batch(u, prof, return_attentions=True, k=k, exclude=excl)
     mask = prof[0] > 0
     found = torch.isfinite(scores[0])  # exclusions can leave fewer than k items
     scores, items = scores[:, found], items[:, found]

@@ -48,7 +48,7 @@ def top_k(model, history: UserHistory, users: np.ndarray, k: int, exclude_consum
         blk = users[s:s + block_users]
         prof = torch.from_numpy(history.last_profiles(blk, max_profile_size)).to(device)
         excl = torch.from_numpy(history.padded(blk, "consumed")).to(device) if exclude_consumed else None
-        sc, it = model.recommend_all(torch.from_numpy(blk).to(device), prof, k=k, exclude=excl)
+        sc, it = model.recommend_batch(torch.from_numpy(blk).to(device), prof, k=k, exclude=excl)
         ids.append(it.cpu().numpy()), scores.append(sc.cpu().numpy())
     return np.concatenate(ids), np.concatenate(scores)
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from acf_fast.backends import cpu_extension as _ext
+from acf_fast.backends import cpu as cpu_backend
 from acf_fast.model.losses import warp_loss
 from acf_fast.testing import random_batch, random_features, random_model, same_model
 
-_reason = _ext._load()[1]
+_reason = cpu_backend._load()[1]
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"cpu backend unavailable: {_reason}")
 
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
@@ -85,8 +85,8 @@ def test_recommend_all_matches_reference():
     s_c, a_c, b_c = cpu.recommend_all(batch.user_ids, batch.profile_ids, return_attentions=True)
     for x, y in ((s_c, s_r), (a_c, a_r), (b_c, b_r)):
         torch.testing.assert_close(x, y, **TOL[torch.float32])
-    top_r = ref.recommend_all(batch.user_ids, batch.profile_ids, k=5, exclude=batch.profile_ids)
-    top_c = cpu.recommend_all(batch.user_ids, batch.profile_ids, k=5, exclude=batch.profile_ids)
+    top_r = ref.recommend_batch(batch.user_ids, batch.profile_ids, k=5, exclude=batch.profile_ids)
+    top_c = cpu.recommend_batch(batch.user_ids, batch.profile_ids, k=5, exclude=batch.profile_ids)
     torch.testing.assert_close(top_c[0], top_r[0], **TOL[torch.float32])
 
 
@@ -142,8 +142,6 @@ def _with_threads(threads, fn):
 
 def test_thread_counts_fused_attention_bitwise():
     """The fused pass sums shared gradients in a fixed order: 1 and 2 threads agree bit for bit."""
-    from acf_fast.backends import cpu_ops
-
     g = torch.Generator().manual_seed(20)
     b, p, k, m, h, d = 33, 9, 50, 49, 24, 24
     slot_item = torch.randint(-1, k, (b, p), generator=g)
@@ -156,7 +154,7 @@ def test_thread_counts_fused_attention_bitwise():
 
     def once():
         leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
-        outs = cpu_ops.acf_attention(*leaves)
+        outs = cpu_backend.acf_attention(*leaves)
         torch.autograd.backward(outs, grads_out)
         return list(outs) + [t.grad for t in leaves if t.is_floating_point()]
 

@@ -5,15 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from acf_fast.backends import cpu_extension as _ext
+from acf_fast.backends import cpu as cpu_backend
 from acf_fast.testing import random_batch, random_model
 
-_reason = _ext._load()[1]
+_reason = cpu_backend._load()[1]
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"cpu backend unavailable: {_reason}")
 
 if _reason is None:
-    from acf_fast.backends import cpu_ops
-    cpu_ops.register()
+    cpu_backend.register()
 
 
 def attention_inputs(dtype=torch.float64, b=4, p=3, k=5, m=4, h=6, d=5, seed=0,
@@ -36,7 +35,7 @@ def test_attention_gradcheck():
         args = list(leaves)
         for i, x in zip(diff, xs):
             args[i] = x
-        return cpu_ops.acf_attention(*args)
+        return cpu_backend.acf_attention(*args)
 
     assert torch.autograd.gradcheck(f, [leaves[i] for i in diff])
 
@@ -47,8 +46,8 @@ def test_reduce_items_gradcheck():
     items = torch.tensor([1, 4, 6])
     w = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda w, b: cpu_ops.reduce_items(table, items, w, b), (w, b))
-    torch.testing.assert_close(cpu_ops.reduce_items(table, items, w, b),
+    assert torch.autograd.gradcheck(lambda w, b: cpu_backend.reduce_items(table, items, w, b), (w, b))
+    torch.testing.assert_close(cpu_backend.reduce_items(table, items, w, b),
                                F.linear(table[items], w, b))
 
 
@@ -62,7 +61,7 @@ def test_reduce_items_chunks_and_dtypes(table_dtype, bf16_gemm):
     items = torch.randperm(90, generator=g)[:70]
     w = torch.randn(12, 48, generator=g, requires_grad=True)
     b = torch.randn(12, generator=g, requires_grad=True)
-    out = cpu_ops.reduce_items(table, items, w, b, bf16_gemm=bf16_gemm)
+    out = cpu_backend.reduce_items(table, items, w, b, bf16_gemm=bf16_gemm)
     assert out.dtype == torch.float32
     # the bf16 GEMM rounds W (and dL/dR) to bf16 as well; the other paths widen the table
     # and are exact in float32
@@ -120,7 +119,7 @@ def test_opcheck_attention_backward(dtype):
     """The backward op on its own (schema, fake kernel, dispatch), on what forward saves."""
     inputs = attention_inputs(dtype)
     xy, uc, ut, pp, prof, slot_item, w2, c2, w1, c1 = inputs
-    user, alpha, beta = cpu_ops.acf_attention(*inputs)
+    user, alpha, beta = cpu_backend.acf_attention(*inputs)
     g = torch.Generator().manual_seed(3)
     grads = [torch.randn(t.shape, generator=g, dtype=dtype) for t in (user, alpha, beta)]
     torch.library.opcheck(torch.ops.acf_fast.acf_attention_backward.default,

@@ -1,4 +1,4 @@
-"""The tutorial's sampling protocol (SPEC.md) and the readers of its files, on hand-made data."""
+"""The tutorial's sampling protocol (docs/sampling.md) and the readers of its files, on hand-made data."""
 
 import csv
 import math

@@ -1,4 +1,4 @@
-"""The tutorial's metric definitions (SPEC.md) on cases computed by hand, and both protocols."""
+"""The tutorial's metric definitions (docs/metrics.md) on cases computed by hand, and both protocols."""
 
 import math
 from types import SimpleNamespace

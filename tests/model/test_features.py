@@ -170,3 +170,97 @@ def test_features_on_host_stay_on_host_when_the_module_moves():
     assert m.feature_table.device.type == "cpu"
     m2 = ACF(3, 5, features=torch.rand(5, 49, 4), model_dim=4).to("meta")
     assert m2.feature_table.device.type == "meta"
+
+
+# ---------------------------------------------------------------- read-only feature folders
+from acf_fast.model import features as F  # noqa: E402
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+    """A dataset folder this process cannot write to, as on a read-only mount (os.access
+    reports it unwritable; as root, chmod alone would not stop the writes)."""
+    data = tmp_path / "shared"
+    data.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(F.os, "access", lambda p, mode, *a, **k: False if (
+        mode & os.W_OK and os.path.abspath(p).startswith(str(data))) else real_access(p, mode, *a, **k))
+    monkeypatch.setenv("ACF_FAST_CACHE_DIR", str(tmp_path / "user-cache"))
+    return data
+
+
+@pytest.mark.parametrize("writer", [write_npy, write_h5])
+def test_a_read_only_folder_caches_in_the_user_folder(read_only, tmp_path, capsys, writer):
+    g = grids()
+    path = writer(read_only / ("f.npy" if writer is write_npy else "f.h5"), g)
+    model = ACF(list(range(3)), list(range(5)), str(path), model_dim=4)
+    torch.testing.assert_close(model.feature_table, expected_table(g))
+    notice = [line for line in capsys.readouterr().err.splitlines() if "feature cache" in line]
+    assert len(notice) == 1 and "not writable" in notice[0] and "ACF_FAST_CACHE_DIR" in notice[0]
+    assert sorted(p.name for p in read_only.iterdir()) == [path.name]     # nothing written there
+    cache = F.user_cache_path(path, torch.float32)
+    assert cache.parent == tmp_path / "user-cache" and cache.exists()
+    assert F.existing_cache(path, torch.float32) == cache
+    stamp = cache.stat().st_mtime_ns
+    torch.testing.assert_close(load_feature_table(path), expected_table(g))  # reused, not rebuilt
+    assert cache.stat().st_mtime_ns == stamp
+    assert feature_names(path) == [f"img_{i}.jpg" for i in range(5)]
+
+
+def test_a_write_refused_by_the_file_system_falls_back_too(tmp_path, monkeypatch, capsys):
+    """os.access may say yes where the write still fails (EROFS, EACCES, a full disk)."""
+    import errno
+
+    path = write_npy(tmp_path / "f.npy", grids())
+    real = np.lib.format.open_memmap
+
+    def refuse_next_to_source(filename, *args, **kwargs):
+        if os.path.dirname(filename) == str(tmp_path):
+            raise OSError(errno.EROFS, "Read-only file system", str(filename))
+        return real(filename, *args, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", refuse_next_to_source)
+    monkeypatch.setenv("ACF_FAST_CACHE_DIR", str(tmp_path / "elsewhere"))
+    torch.testing.assert_close(load_feature_table(path), expected_table(grids()))
+    assert "Read-only file system" in capsys.readouterr().err
+    assert F.user_cache_path(path, torch.float32).exists()
+    assert not cache_path(path, torch.float32).exists()
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["f.npy"]  # no temporary left
+
+
+def test_no_writable_folder_at_all_reads_the_features_into_memory(read_only, monkeypatch, capsys):
+    monkeypatch.setenv("ACF_FAST_CACHE_DIR", str(read_only / "cache"))
+    path = write_h5(read_only / "f.h5", grids())
+    table = load_feature_table(path, torch.bfloat16)
+    torch.testing.assert_close(table, expected_table(grids()).to(torch.bfloat16))
+    assert "into memory" in capsys.readouterr().err
+    assert sorted(p.name for p in read_only.iterdir()) == ["f.h5"]
+    assert feature_names(path) == [f"img_{i}.jpg" for i in range(5)]      # from the source
+
+
+def test_the_user_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("ACF_FAST_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert F.user_cache_dir() == tmp_path / "xdg" / "acf_fast" / "features"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert F.user_cache_dir() == tmp_path / "home" / ".cache" / "acf_fast" / "features"
+    monkeypatch.setenv("ACF_FAST_CACHE_DIR", str(tmp_path / "mine"))
+    assert F.user_cache_dir() == tmp_path / "mine"
+    # two datasets' features.npy never share a cache
+    a, b = tmp_path / "a" / "features.npy", tmp_path / "b" / "features.npy"
+    assert F.user_cache_path(a, torch.float32) != F.user_cache_path(b, torch.float32)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
+def test_a_folder_without_write_permission(tmp_path, monkeypatch):
+    data = tmp_path / "shared"
+    data.mkdir()
+    path = write_npy(data / "f.npy", grids())
+    monkeypatch.setenv("ACF_FAST_CACHE_DIR", str(tmp_path / "user-cache"))
+    data.chmod(0o555)
+    try:
+        torch.testing.assert_close(load_feature_table(path), expected_table(grids()))
+    finally:
+        data.chmod(0o755)
+    assert F.user_cache_path(path, torch.float32).exists()

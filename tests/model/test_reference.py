@@ -1,4 +1,4 @@
-"""The reference ACF against SPEC.md's equations written out literally, and its invariants."""
+"""The reference ACF against docs/model.md's equations written out literally, and its invariants."""
 
 import math
 
@@ -12,7 +12,7 @@ from acf_fast.model.weights import ACFWeights
 
 
 def literal_acf(model, user_ids, profile_ids, pos, neg):
-    """SPEC.md 'Forward', one user, one slot, one component at a time, in float64."""
+    """docs/model.md#forward-pass, eqs. (1)-(6): one user, one slot, one component at a time, in float64."""
     w = ACFWeights.of(model)
     w = ACFWeights(*(t.detach().double() for t in w))
     table = model.feature_table.double()
@@ -161,27 +161,27 @@ def test_padding_row_and_init():
     assert torch.equal(m.user_model.w_p.bias, torch.zeros(64))
 
 
-def test_recommend_all_scores_and_topk(model):
+def test_recommend_batch_scores_and_topk(model):
     batch = random_batch(model, batch=4, seed=5)
-    scores, alpha, beta = model.recommend_all(batch.user_ids, batch.profile_ids, return_attentions=True)
+    scores, beta, alpha = model.recommend_batch(batch.user_ids, batch.profile_ids, return_attentions=True)
     assert scores.shape == (4, model.num_items) and alpha.shape == batch.profile_ids.shape
     assert beta.shape == (*batch.profile_ids.shape, model.num_components)
     pos, _ = model(batch.user_ids, batch.profile_ids, batch.pos, batch.neg)
     torch.testing.assert_close(scores.gather(1, (batch.pos - 1).unsqueeze(1)).squeeze(1), pos)
-    top_s, top_i = model.recommend_all(batch.user_ids, batch.profile_ids, k=3, block_items=5)
+    top_s, top_i = model.recommend_batch(batch.user_ids, batch.profile_ids, k=3, block_items=5)
     ref = scores.topk(3, dim=1)
     torch.testing.assert_close(top_s, ref.values)
     assert torch.equal(top_i, ref.indices + 1)
 
 
-def test_recommend_all_excludes(model):
+def test_recommend_batch_excludes(model):
     batch = random_batch(model, batch=3, seed=6, lengths=[2, 3, 0])
-    scores = model.recommend_all(batch.user_ids, batch.profile_ids, exclude=batch.profile_ids)
+    scores = model.recommend_batch(batch.user_ids, batch.profile_ids, exclude=batch.profile_ids)
     for b in range(3):
         for item in batch.profile_ids[b][batch.profile_ids[b] > 0]:
             assert scores[b, item - 1] == float("-inf")
     assert torch.isfinite(scores[2]).all()
-    _, top_i = model.recommend_all(batch.user_ids, batch.profile_ids, k=5, exclude=batch.profile_ids,
+    _, top_i = model.recommend_batch(batch.user_ids, batch.profile_ids, k=5, exclude=batch.profile_ids,
                                    block_items=4)
     for b in range(3):
         assert not set(top_i[b].tolist()) & set(batch.profile_ids[b].tolist())

@@ -73,10 +73,10 @@ def test_constructor_errors():
         ACF([0, -1], 5, features=torch.rand(5, 49, 4))
 
 
-def test_recommend_all_bad_k(model):
+def test_recommend_batch_bad_k(model):
     b = random_batch(model, batch=2)
     with pytest.raises(ValueError, match=r"k must be in \[1, 10\]"):
-        model.recommend_all(b.user_ids, b.profile_ids, k=11)
+        model.recommend_batch(b.user_ids, b.profile_ids, k=11)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -111,11 +111,11 @@ def test_constructor_refuses_bad_arguments(kwargs, error, message):
         ACF(args.pop("users"), args.pop("items"), **args)
 
 
-def test_recommend_all_exclusions(model):
+def test_recommend_batch_exclusions(model):
     b = random_batch(model, batch=2, lengths=[2, 1])
     everything = torch.arange(1, 11).expand(2, -1).clone()
     everything[0, :3] = 0                      # user 0 keeps items 1..3, user 1 none
-    scores, items = model.recommend_all(b.user_ids, b.profile_ids, k=5, exclude=everything)
+    scores, items = model.recommend_batch(b.user_ids, b.profile_ids, k=5, exclude=everything)
     assert sorted(items[0, :3].tolist()) == [1, 2, 3] and torch.isfinite(scores[0, :3]).all()
     assert (items[0, 3:] == 0).all() and (scores[0, 3:] == float("-inf")).all()
     assert (items[1] == 0).all() and (scores[1] == float("-inf")).all()
@@ -123,7 +123,7 @@ def test_recommend_all_exclusions(model):
                          (torch.tensor([[-5], [1]]), "exclude contains item id -5"),
                          (torch.tensor([1, 2]), "exclude must be \\[2, E\\]")]:
         with pytest.raises(ValueError, match=message):
-            model.recommend_all(b.user_ids, b.profile_ids, k=3, exclude=bad)
+            model.recommend_batch(b.user_ids, b.profile_ids, k=3, exclude=bad)
 
 
 def test_recommend_all_refuses_a_diverged_model():
@@ -137,4 +137,4 @@ def test_recommend_all_refuses_a_diverged_model():
     with torch.no_grad():
         m.item_model.weight[7, 2] = float("inf")
     with pytest.raises(ValueError, match="item embeddings are not finite"):
-        m.recommend_all(torch.tensor([0, 1]), b.profile_ids, k=3)
+        m.recommend_batch(torch.tensor([0, 1]), b.profile_ids, k=3)

@@ -12,7 +12,7 @@ from acf_fast.data.synth import synth, write_features
 from acf_fast.evaluation.evaluate import evaluate
 from acf_fast.pipeline.explain import explain
 from acf_fast.pipeline.recommend import recommend
-from acf_fast.training.trainer import TrainConfig, Trainer, train
+from acf_fast.training import TrainConfig, Trainer, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -301,7 +301,7 @@ def test_trainer_graph_steps_follow_the_plain_loop(tmp_path):
     full batches of 100 and a partial one of 40."""
     pytest.importorskip("h5py")   # the tiny dataset's feature file (maybe absent on a GPU box)
     from acf_fast.training.cuda_graph import GraphedTrainStep as Step
-    from acf_fast.training.trainer import Trainer
+    from acf_fast.training import Trainer
     from conftest import tiny_prepared_dataset
 
     root = tiny_prepared_dataset(tmp_path)
@@ -333,7 +333,7 @@ def test_a_cpu_run_resumes_on_the_gpu_with_the_graph(tmp_path):
     import math
 
     pytest.importorskip("h5py")
-    from acf_fast.training.trainer import Trainer
+    from acf_fast.training import Trainer
     from conftest import tiny_prepared_dataset
 
     root = tiny_prepared_dataset(tmp_path)

@@ -26,6 +26,8 @@ import pytest
 import torch
 
 from acf_fast import distributed as D
+from acf_fast.training import sampler as S
+from acf_fast.training.steps import distributed_loss, global_loss_value
 from acf_fast.model.losses import get_loss, warp_loss
 from acf_fast.testing import random_model
 
@@ -65,7 +67,7 @@ def make_triplets(n: int, n_users: int = 12, n_items: int = 30, seed: int = 1):
 def permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The pipeline's epoch order when it is there, else the same recipe."""
     try:
-        from acf_fast.training.trainer import epoch_permutation
+        from acf_fast.training.sampler import epoch_permutation
     except ImportError:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         return torch.randperm(n, generator=gen)
@@ -102,15 +104,15 @@ def distributed_epoch(loss: str, backend: str, dtype: str, n: int):
     data = make_triplets(n)
     ddp = D.wrap_model(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
-    sampler = D.DistributedBatchSampler(n, BATCH, seed=0, permutation=permutation)
+    sampler = S.DistributedBatchSampler(n, BATCH, seed=0, permutation=permutation)
     losses, sizes = [], []
     for idx, n_real, global_size in sampler.epoch(0):
         opt.zero_grad(set_to_none=True)
         ps, ns = ddp(*(t[idx] for t in data))
-        backward, local_sum = D.distributed_loss(loss, ps, ns, n_real, global_size)
+        backward, local_sum = distributed_loss(loss, ps, ns, n_real, global_size)
         backward.backward()
         opt.step()
-        losses.append(D.global_loss_value(local_sum, global_size))
+        losses.append(global_loss_value(local_sum, global_size))
         sizes.append(n_real)
     reducer_params = None
     if ctx.is_distributed:   # what DDP actually all-reduces
@@ -291,7 +293,7 @@ def test_global_batch_split_is_exact_union():
     for world in (1, 2, 3, 5):
         for size in (1, 2, 3, 127, 128):
             batch = torch.randperm(1000)[:size]
-            pieces = [D.split_global_batch(batch, r, world) for r in range(world)]
+            pieces = [S.split_global_batch(batch, r, world) for r in range(world)]
             real = torch.cat([idx[:n] for idx, n in pieces])
             assert torch.equal(real, batch)
             assert max(n for _, n in pieces) - min(n for _, n in pieces) <= 1
@@ -302,11 +304,11 @@ def test_sampler_covers_every_triplet_once_per_epoch():
     n = 1000
     seen = []
     for rank in range(3):
-        s = D.DistributedBatchSampler(n, BATCH, seed=7, rank=rank, world_size=3, permutation=permutation)
+        s = S.DistributedBatchSampler(n, BATCH, seed=7, rank=rank, world_size=3, permutation=permutation)
         assert len(s) == 8
         seen += [idx[:k] for idx, k, _ in s.epoch(2)]
     assert torch.equal(torch.cat(seen).sort().values, torch.arange(n))
-    single = D.DistributedBatchSampler(n, BATCH, seed=7, rank=0, world_size=1, permutation=permutation)
+    single = S.DistributedBatchSampler(n, BATCH, seed=7, rank=0, world_size=1, permutation=permutation)
     assert torch.equal(torch.cat([idx for idx, _, _ in single.epoch(2)]), permutation(n, 7, 2))
 
 
@@ -314,10 +316,10 @@ def test_sampler_covers_every_triplet_once_per_epoch():
 def test_single_process_terms_are_the_tutorial_losses(loss):
     g = torch.Generator().manual_seed(0)
     pos, neg = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
-    backward, local_sum = D.distributed_loss(loss, pos, neg, 50, 50)
+    backward, local_sum = distributed_loss(loss, pos, neg, 50, 50)
     torch.testing.assert_close(backward, get_loss(loss)(pos, neg), rtol=1e-14, atol=0)
     # a stand-in (n_real = 0) contributes nothing and counts no violation
-    stand_in, _ = D.distributed_loss(loss, pos[:1], neg[:1], 0, 50)
+    stand_in, _ = distributed_loss(loss, pos[:1], neg[:1], 0, 50)
     assert float(stand_in) == 0.0
 
 
@@ -454,7 +456,7 @@ def pipeline_data(tmp_path_factory):
 def test_torchrun_train_matches_single_process(pipeline_data):
     """`torchrun --nproc_per_node=2 -m acf_fast train` == `acf-fast train`: same losses, same
     validation metrics, same parameters up to fp32 rounding; rank 0 alone writes the files."""
-    from acf_fast.training.trainer import TrainConfig, train
+    from acf_fast.training import TrainConfig, train
 
     root = pipeline_data
     common = dict(epochs=1, model_dim=8, backend="reference", val_rank_samples=50, seed=3)
@@ -476,7 +478,7 @@ def test_torchrun_train_matches_single_process(pipeline_data):
 
 def test_torchrun_evaluate_equals_single_process_exactly(pipeline_data):
     """`torchrun ... evaluate` writes the very metrics.json a single process writes."""
-    from acf_fast.training.trainer import TrainConfig, train
+    from acf_fast.training import TrainConfig, train
 
     root = pipeline_data
     ckpt = root / "eval_model" / "last.pt"

@@ -11,7 +11,8 @@ import torch
 
 from acf_fast.model.checkpoint import read_checkpoint
 from acf_fast.model.acf import ACF
-from acf_fast.training.trainer import BEST, LAST, Trainer, epoch_permutation
+from acf_fast.training import BEST, LAST, Trainer
+from acf_fast.training.sampler import epoch_permutation
 
 from conftest import tiny_prepared_dataset, tiny_train_config
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from acf_fast.model.checkpoint import read_checkpoint
-from acf_fast.training.trainer import (BEST, HISTORY, LAST, TrainConfig, Trainer, TrainingDiverged,
-                            TrainingInterrupted, train)
+from acf_fast.training import (BEST, HISTORY, LAST, TrainConfig, Trainer, TrainingDiverged,
+                               TrainingInterrupted, train)
 
 from conftest import tiny_prepared_dataset, tiny_train_config
 
@@ -241,16 +241,16 @@ DRIVER = """
 import signal, sys, time
 from pathlib import Path
 signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal
-from acf_fast.training import trainer as T
+from acf_fast.training import steps as S
 marker, argv = Path(sys.argv[1]), sys.argv[2:]
-step = T.Trainer._loss
+step = S.EagerStep.__call__
 def slow(self, idx):
-    if self.state.global_step == 5:
+    if self.trainer.state.global_step == 5:
         marker.touch()
-    if self.state.global_step >= 5:
+    if self.trainer.state.global_step >= 5:
         time.sleep(0.05)
     return step(self, idx)
-T.Trainer._loss = slow
+S.EagerStep.__call__ = slow
 from acf_fast.pipeline.cli import main
 sys.exit(main(argv))
 """

@@ -1,0 +1,80 @@
+"""Validation after each epoch: the loss on the validation triplets, and the AUC and RR
+of their positive items ranked among all items on a fixed subset of them.
+
+Under torchrun the work is dealt out in whole batches (loss) and whole blocks (ranking)
+and gathered back in single-process order, so every rank gets exactly the numbers one
+process computes (docs/distributed.md#metrics).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import distributed
+from ..data.formats import TripletSet
+from ..evaluation.metrics import ranking_metrics
+from ..model.scoring import rank_targets, score_catalogue
+from .sampler import batch_tensors
+
+RANK_BLOCK = 256           # validation triplets ranked against the catalogue at once
+
+
+@torch.no_grad()
+def validate(model, loss_fn, data: TripletSet | None, batch_size: int, rank_samples: int,
+             seed: int, n_items: int, ctx: distributed.DistContext) -> dict:
+    """{"val_loss", "val_auc", "val_rr"} (the last two when rank_samples > 0); {} without
+    validation triplets. `model` is put in eval mode meanwhile."""
+    if data is None or len(data) == 0:
+        return {}
+    model.eval()
+    out = {"val_loss": validation_loss(model, loss_fn, data, batch_size, ctx)}
+    out.update(validation_ranking(model, data, rank_samples, seed, n_items, ctx.device))
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def validation_loss(model, loss_fn, data: TripletSet, batch_size: int,
+                    ctx: distributed.DistContext) -> float:
+    """The mean loss over `data` in batches of `batch_size`, as one process sums it."""
+    starts = range(0, len(data), batch_size)
+    mine = range(ctx.rank, len(starts), ctx.world_size)   # whole batches per rank
+    sums = []
+    for b in mine:
+        idx = torch.arange(starts[b], min(starts[b] + batch_size, len(data)))
+        ps, ns = model(*batch_tensors(data, idx, ctx.device))
+        sums.append(float(loss_fn(ps, ns)) * idx.numel())
+    # summed in batch order, as one process does: the same value on every rank
+    total = sum(distributed.gather_ordered(sums, list(mine), len(starts)))
+    return total / len(data)
+
+
+@torch.no_grad()
+def validation_ranking(model, data: TripletSet, samples: int, seed: int, n_items: int,
+                       device: torch.device) -> dict:
+    """AUC and RR of pi among all items (profile excluded) on a fixed subset of `samples`
+    validation triplets (NaN when a score is not finite)."""
+    n = min(samples, len(data))
+    if n == 0:
+        return {}
+    gen = torch.Generator().manual_seed(seed + 17)
+    pick = torch.randperm(len(data), generator=gen)[:n]
+    ranks, positions = [np.zeros((0, 1), dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    finite = [np.zeros(0, dtype=bool)]
+    for s, e in distributed.shard_blocks(n, RANK_BLOCK):   # blocks dealt to ranks, then gathered
+        u, p, pos, _ = batch_tensors(data, pick[s:e], device)
+        # the scores model.recommend_all gives, without its exception for non-finite user
+        # vectors: a rank that raised alone would leave the others waiting in gather_rows
+        user = model.user_vectors(u, p)[0]
+        scores = score_catalogue(user, model.item_model.weight, model.all_items, model.model_dim)
+        # a NaN score compares false with everything: it would rank first (AUC 1)
+        finite.append(torch.isfinite(scores).all(1).cpu().numpy())
+        ranks.append(rank_targets(scores, model.all_items, pos[:, None], exclude=p).cpu().numpy())
+        positions.append(np.arange(s, e))
+    rows = distributed.gather_rows({"rank": np.concatenate(ranks), "finite": np.concatenate(finite)},
+                                   np.concatenate(positions), n)
+    if not rows["finite"].all():
+        return {"val_auc": float("nan"), "val_rr": float("nan")}
+    m = ranking_metrics(rows["rank"], np.ones(n), n_items, ks=(20,))
+    return {"val_auc": float(m["AUC"].mean()), "val_rr": float(m["RR"].mean())}
