@@ -10,7 +10,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH  ?= torch==2.13.0
 DEPS   := $(VENV)/.deps-stamp
 BUILT  := $(VENV)/.build-stamp
-NATIVE := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py pyproject.toml
+NATIVE := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) acf_fast/backends/source_hash.py setup.py pyproject.toml
 PYTEST_ARGS ?=
 
 .PHONY: demo test build bench cmake-build clean help

@@ -8,6 +8,8 @@ after import). Names and meanings:
     ACF_FAST_BF16_GEMM=1      the cpu backend multiplies a bfloat16 table in bf16
     ACF_FAST_ALLOW_STALE=1    load a native extension built from other sources than csrc/
     ACF_FAST_VERIFY_CACHE=1   hash-check feature caches of any size (default: up to 1 GiB)
+    ACF_FAST_CACHE_DIR        where the caches of read-only feature folders go
+                              (default $XDG_CACHE_HOME/acf_fast/features, else ~/.cache/...)
     ACF_FAST_DETERMINISTIC=1  deterministic kernels (set by acf_fast.utils.determinism)
     ACF_FAST_DIST_BACKEND     torch.distributed backend override (e.g. gloo on one GPU)
     ACF_FAST_DIST_TIMEOUT_S   collective timeout in seconds

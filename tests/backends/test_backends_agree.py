@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
+from agreement import assert_close_scaled
 from conftest import backends_required
 
 from acf_fast.backends import registry as backend_select
@@ -152,13 +153,6 @@ def noise(ref, batch, dtype):
     return exact, err
 
 
-def assert_agree(got, want, rtol, atol, what):
-    got, want = got.detach(), want.detach()
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    scale = float(want.abs().max().clamp_min(1.0)) if want.numel() else 1.0
-    torch.testing.assert_close(got, want, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
-
-
 def assert_within_noise(got, exact, err, rtol, dtype, what):
     """|got - exact| <= rtol |exact| + NOISE_FACTOR * (the reference's rounding noise, the
     largest along the element's last dimension) + FLOOR_ULPS eps max|exact|."""
@@ -200,7 +194,7 @@ def check_problem(pr, name, dtype, shift=0.0):
     for what in want:
         grad = what not in OUTPUTS
         label = f"grad {what}" if grad else what
-        assert_agree(got[what], want[what], tol, tol * 10 if grad else tol, label)
+        assert_close_scaled(got[what], want[what], rtol=tol, atol=tol * 10 if grad else tol, what=label)
         assert_within_noise(got[what], exact[what], err[what], tol, dtype, label)
     assert_same_support(got["alpha"], want["alpha"], batch.profile_ids != 0, dtype)
 

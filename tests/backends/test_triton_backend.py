@@ -9,6 +9,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+import agreement  # noqa: E402
+from agreement import run  # noqa: E402
 from conftest import require_triton_runnable  # noqa: E402
 
 from acf_fast.backends.registry import triton_interpreter_on  # noqa: E402
@@ -30,22 +32,7 @@ def twins(dtype=torch.float32, **shape):
 
 
 def loss_weights(batch, d, dtype, seed=0):
-    """Random cotangents, so pos, neg and user gradients all differ."""
-    g = torch.Generator().manual_seed(seed)
-    b = batch.user_ids.shape[0]
-    return [t.to(DEVICE, dtype) for t in
-            (torch.randn(b, generator=g), torch.randn(b, generator=g), torch.randn(b, d, generator=g))]
-
-
-def run(model, batch, weights):
-    """Scores, user vectors and attentions of one model, plus every parameter gradient."""
-    wp, wn, wu = weights
-    model.zero_grad(set_to_none=True)
-    pos, neg = model(*batch)
-    user, alpha, beta = model.user_vectors(batch.user_ids, batch.profile_ids, return_attentions=True)
-    ((pos * wp).sum() + (neg * wn).sum() + (user * wu).sum()).backward()
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    return (pos, neg, user, alpha, beta), grads
+    return agreement.loss_weights(batch, d, dtype, DEVICE, seed)
 
 
 def assert_backends_agree(ref, tri, batch, dtype=torch.float32):
@@ -54,18 +41,10 @@ def assert_backends_agree(ref, tri, batch, dtype=torch.float32):
     out_r, grad_r = run(ref, batch, weights)
     out_t, grad_t = run(tri, batch, weights)
     atol, rtol = TOL[dtype]
-    for name, a, b in zip(("pos", "neg", "user", "alpha", "beta"), out_t, out_r):
+    for name, a, b in zip(agreement.OUTPUTS, out_t, out_r):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
         assert torch.isfinite(a).all(), name
-    for name, g_ref in grad_r.items():
-        g_tri = grad_t[name]
-        if g_ref is None:  # w_v: created, never used
-            assert g_tri is None, name
-            continue
-        assert g_tri is not None, name
-        scale = max(1.0, float(g_ref.abs().max()))
-        torch.testing.assert_close(g_tri, g_ref, atol=atol * scale, rtol=rtol,
-                                   msg=lambda m: f"grad of {name}: {m}")
+    agreement.assert_grads_close(grad_t, grad_r, atol=atol, rtol=rtol)
 
 
 def test_odd_shapes_duplicates_and_empty_profiles():
