@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ..utils.progress import bar as tqdm
 
+from ..utils.progress import bar as tqdm
 from .csv_io import join_ids, write_csv_atomic
 from .formats import Interactions, read_interactions
 from .history import UserHistory

@@ -17,17 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ..utils.progress import bar as tqdm
 
 from .. import distributed
 from ..data.formats import EvaluationGroups, profiles_to_matrix
 from ..data.history import UserHistory
 from ..data.prepared import PreparedDataset
-from .report import write_report
-from .metrics import (IDEAL_HITS, IDEAL_MIN_N_K, KS, REPORTED, format_table, mean_metrics,
-                      metric_names, ranking_metrics)
 from ..model.acf import ACF, load_model
 from ..model.scoring import catalogue_columns, rank_targets
+from ..utils.progress import bar as tqdm
+from .metrics import (IDEAL_HITS, IDEAL_MIN_N_K, KS, REPORTED, format_table, mean_metrics,
+                      metric_names, ranking_metrics)
+from .report import write_report
 
 PROTOCOLS = {"tutorial": IDEAL_HITS, "standard": IDEAL_MIN_N_K}
 HISTORY_BINS = (1, 3, 6, 11, 21, 51, 101)   # bin edges on the number of training items

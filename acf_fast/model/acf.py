@@ -10,10 +10,10 @@ import torch.nn as nn
 
 from ..backends import registry as _backend
 from ..utils.devices import check_device
+from . import ids as _ids
 from .batch_checks import PAD, BatchChecks
 from .checkpoint import build_from_checkpoint, check_feature_count
 from .features import load_feature_table, table_from_tensor
-from . import ids as _ids
 from .reference import ACFUserNet
 
 __all__ = ["ACF", "PAD", "check_feature_count", "load_model"]

@@ -14,11 +14,11 @@ from ..data.sampling import prepare
 from ..data.synth import SynthConfig, load_planted, synth
 from ..evaluation.evaluate import evaluate
 from ..model.acf import load_model
+from ..training import TrainConfig, Trainer, train
+from .demo import DemoConfig, planted_attention_ratio, run_demo
 from .explain import explain
 from .extract import extract
-from .demo import DemoConfig, planted_attention_ratio, run_demo
 from .recommend import recommend
-from ..training import TrainConfig, Trainer, train
 
 __all__ = ["DemoConfig", "SynthConfig", "TrainConfig", "Trainer", "evaluate", "explain", "extract",
            "load_model", "load_planted", "planted_attention_ratio", "prepare", "read_evaluation",

@@ -17,9 +17,9 @@ import torch
 
 from ..data.history import UserHistory
 from ..data.prepared import PreparedDataset
+from ..evaluation.plots import pyplot
 from ..model.acf import load_model
 from ..model.features import feature_names
-from ..evaluation.plots import pyplot
 
 GRID = 7
 HIT, CONSUMED, OTHER = "#1a9850", "#7f7f7f", "#4575b4"
