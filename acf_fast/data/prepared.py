@@ -83,7 +83,3 @@ class PreparedDataset:
     def history(self) -> UserHistory:
         return UserHistory.load(self.path("history"))
 
-
-def load_manifest(data_dir) -> dict:
-    """The manifest of a prepared folder as a dict (see PreparedDataset for the files)."""
-    return PreparedDataset(data_dir).manifest

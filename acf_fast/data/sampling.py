@@ -34,7 +34,6 @@ from .formats import Interactions, read_interactions
 from .history import UserHistory
 from .prepared import (EVALUATION_FILE, FILES, HISTORY_FILE, TRAIN_FILE, VALIDATION_FILE,
                        write_manifest)
-from .prepared import load_manifest  # noqa: F401  TEMP until training/ switches to PreparedDataset
 
 PROFILE_WINDOW = 10          # the tutorial's profile: up to 10 items ending at pi
 HOLDOUT_BASKETS = 10
