@@ -1,4 +1,4 @@
-// Both attention levels of ACF (SPEC steps 2-5) fused into one pass per user.
+// Both attention levels of ACF (docs/model.md#forward-pass, eqs. (2a)-(5)) fused into one pass per user.
 //
 // Everything that does not depend on the (user, slot) pair is precomputed by GEMMs
 // outside (per distinct item k: xt_k = W2x r_k and y_k = W1x r_k, packed as

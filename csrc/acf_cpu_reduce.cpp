@@ -1,4 +1,4 @@
-// W_red applied once per distinct real item of a batch (SPEC step 1), forward and
+// W_red applied once per distinct real item of a batch (docs/model.md#feature-reduction, eq. (1)), forward and
 // backward. This is where almost all of ACF's FLOPs are, so it is all GEMM, by MKL.
 // Forward: the items' [M, F] grids are gathered a chunk at a time into a small
 // per-thread buffer (the whole gather, up to 460 MB in float32, is never materialised)

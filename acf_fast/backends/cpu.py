@@ -1,7 +1,7 @@
 """The native CPU backend: the one module that loads the extension acf_fast._C (with a
 useful message when it is absent or stale) and registers its fakes and autograd.
 
-Plan per batch (SPEC "Cost, for orientation"):
+Plan per batch (cost model: docs/model.md#cost-per-batch):
 1. the distinct real items of the batch's profiles (padding skipped) and, per slot,
    the index of its item among them (-1 for padding): acf_fast.backends.planning, the
    planner the triton backend uses too;

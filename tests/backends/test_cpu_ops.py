@@ -82,7 +82,7 @@ def test_backend_gradcheck_every_parameter():
     model = random_model(n_users=4, n_items=6, m=3, f=5, d=4, backend="cpu", dtype=torch.float64)
     assert model.resolved_backend() == "cpu"
     batch = random_batch(model, batch=4, seed=2, lengths=[3, 0, 1, 4], duplicates=True)
-    # w_v is never used (SPEC); leaving it out halves the time
+    # w_v is never used (docs/model.md#parameters); leaving it out halves the time
     named = [(n, p) for n, p in model.named_parameters() if ".w_v." not in n]
     names = [n for n, _ in named]
     params = tuple(p.detach().clone().requires_grad_(True) for _, p in named)
