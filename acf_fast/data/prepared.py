@@ -12,6 +12,7 @@ manifest's layout is known in this module only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -58,6 +59,14 @@ class PreparedDataset:
     @property
     def n_items(self) -> int:
         return int(self.manifest["n_items"])
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies this prepared dataset: checkpoints record it, and resuming, evaluating
+        or recommending on another dataset is refused. A hash of the manifest (sizes, row
+        counts, seed, source files), without the folder it happens to sit in."""
+        content = {k: v for k, v in self.manifest.items() if k != "dir"}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     def features(self, override=None) -> str:
         """The feature file: `override` when given, else the one `prepare` used."""
