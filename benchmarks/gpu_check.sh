@@ -30,8 +30,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 echo "== 1. Triton tests on CUDA (limit ${TEST_LIMIT}s)"
 if "$PY" -c "import pytest" 2>/dev/null; then
-  timeout "$TEST_LIMIT" "$PY" -m pytest -v -p no:cacheprovider --noconftest -o addopts="" -rfE --durations=5 \
-      tests/test_triton_backend.py tests/test_triton_gradcheck.py tests/test_cuda_graph.py 2>&1 | tee "$LOGS/gpu_tests.txt"
+  PYTHONPATH="$PWD/tests:${PYTHONPATH:-}" timeout "$TEST_LIMIT" "$PY" -m pytest -v -p no:cacheprovider --noconftest -o addopts="" -rfE --durations=5 \
+      tests/backends/test_triton_backend.py tests/backends/test_triton_gradcheck.py tests/training/test_cuda_graph.py 2>&1 | tee "$LOGS/gpu_tests.txt"
   rc=${PIPESTATUS[0]}
 else
   echo "pytest is not installed here: running the built-in quick check instead"

@@ -19,13 +19,13 @@ Precision (the `LOW` constexpr):
   accumulate in fp32. This is standard mixed precision: one extra rounding of W_red
   and of dr, each of the same size as the table's own rounding, so the error stays a
   small multiple of the reference's (which widens the 16-bit rows to fp32);
-  tests/test_triton_backend.py bounds it against an fp64 model.
+  tests/backends/test_triton_backend.py bounds it against an fp64 model.
 - fp32 table (or fp64 parameters): exact fp32 (fp64) dots, IEEE unless the caller
   allows TF32 (the backend follows `torch.backends.cuda.matmul.allow_tf32`, the same
   policy as the reference's cuBLAS matmul).
 - Under TRITON_INTERPRET=1 `LOW` is always off: the interpreter's bf16 `tl.dot`
   returns garbage, so 16-bit rows are widened to fp32 before the dot there. The
-  tensor-core variants are covered by tests/test_triton_compile.py (sm_80, sm_90)
+  tensor-core variants are covered by tests/backends/test_triton_compile.py (sm_80, sm_90)
   and by GPU runs.
 
 Why a Triton gather-GEMM and not "gather, then cuBLAS" (measured on an H200 for the

@@ -126,7 +126,7 @@ def test_16bit_feature_table_error_bounded_by_reference(feature_dtype):
     rounding. On sm_80+ GPUs the Triton reduction also rounds W_red to the table's dtype
     (forward) and dL/dR to bf16 (W_red's gradient), each with fp32 accumulation: up to
     three roundings instead of one. The CPU backend's bf16 GEMM, which rounds the same
-    three operands, measured up to ~4x the reference's error (tests/test_cpu_backend.py);
+    three operands, measured up to ~4x the reference's error (tests/backends/test_cpu_backend.py);
     bound 6x the error of the reference with a table of the same 16-bit dtype. Under the
     interpreter the 16-bit rows are widened to fp32 before the dot (bf16 tl.dot is wrong
     there), so the bound holds with room to spare; on a GPU this is the tensor-core

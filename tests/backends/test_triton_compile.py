@@ -5,7 +5,7 @@ a cubin with the ptxas shipped in the triton wheel: no GPU needed. This catches 
 the interpreter cannot (layouts, block shapes, unsupported dtype combinations on a
 given architecture), and we also check each kernel's shared memory against the
 architecture's per-block limit. Each kernel's registers and spills (from `ptxas -v`)
-are printed (`python tests/test_triton_compile.py 90`); a spill on sm_90, the
+are printed (`python tests/backends/test_triton_compile.py 90`); a spill on sm_90, the
 H100/H200 target, fails the test for the fp32-parameter variants that training runs
 (the old spilling weight-gradient tile was the step's slowest kernel), unless listed in
 KNOWN_SPILLS. Besides the tutorial's shapes (BASE), VARIANTS covers the integer
@@ -15,7 +15,7 @@ constexpr, a multiple of 16 gets a divisibility hint) and the other tile sizes.
 Kernels decorated under TRITON_INTERPRET=1 are interpreter objects, not compilable
 JITFunctions, so the compilation runs in fresh subprocesses (one per architecture, in
 parallel) with the variable removed: the result is the same with or without the flag. Run this file as a script to compile one target:
-    python tests/test_triton_compile.py 80
+    python tests/backends/test_triton_compile.py 80
 """
 
 from __future__ import annotations
