@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
 
 from ..utils.devices import check_device
+from ..utils.safe_pickle import Refused, check_numeric, refusal_message, torch_safe_globals
 
 REQUIRED_KEYS = ("state_dict",)
 CHECKSUM_KEY = "acf_fast_checksum"
@@ -47,18 +50,47 @@ def checksum(ckpt: dict) -> str:
     return h.hexdigest()
 
 
+CHECKPOINT_ALLOWED = "tensors, numbers, strings, containers and numeric numpy arrays"
+# how torch's weights-only unpickler names what it refused
+_TORCH_REFUSAL = re.compile(r"GLOBAL (\S+) was not an allowed global|unsupported GLOBAL (\S+) whose"
+                            r"|unrecognized function (.+?)(?: which belongs|$)|but got (<class \S+>)",
+                            re.MULTILINE)
+
+
+def load_checkpoint_file(path: Path, map_location="cpu"):
+    """torch.load that never runs code from the file: torch's weights-only unpickler, which
+    admits tensors and plain values, plus numeric numpy arrays (the tutorial's id arrays);
+    anything else raises ValueError naming the file and what it named."""
+    try:
+        with torch.serialization.safe_globals(torch_safe_globals()):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Refused as exc:  # a numpy dtype the allowlist's wrapper refused
+        raise ValueError(refusal_message(path, "checkpoint", exc.name, CHECKPOINT_ALLOWED)) from None
+    except pickle.UnpicklingError as exc:
+        found = _TORCH_REFUSAL.search(str(exc))
+        if found is None:
+            raise ValueError(f"{path}: corrupt or truncated checkpoint, or one holding other "
+                             f"objects than {CHECKPOINT_ALLOWED} (UnpicklingError: "
+                             f"{str(exc).splitlines()[-1]})") from None
+        name = next(g for g in found.groups() if g)
+        name = name if "." in name or "<" in name else f"builtins.{name}"  # torch drops it
+        raise ValueError(refusal_message(path, "checkpoint", name, CHECKPOINT_ALLOWED)) from None
+    except Exception as exc:
+        raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from exc
+    check_numeric(ckpt, path, "checkpoint", CHECKPOINT_ALLOWED)
+    return ckpt
+
+
 def read_checkpoint(checkpoint, map_location="cpu") -> dict:
-    """A checkpoint dict, or the path of one; corrupt or truncated files raise ValueError."""
+    """A checkpoint dict, or the path of one; corrupt or truncated files raise ValueError,
+    and so do files that would need anything but plain values to load (never run)."""
     if isinstance(checkpoint, dict):
         ckpt = checkpoint
     else:
         path = Path(checkpoint)
         if not path.exists():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as exc:
-            raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from exc
+        ckpt = load_checkpoint_file(path, map_location)
         if not isinstance(ckpt, dict):
             raise ValueError(f"{path}: not a checkpoint dict (got {type(ckpt).__name__})")
     if CHECKSUM_KEY in ckpt and checksum(ckpt) != ckpt[CHECKSUM_KEY]:

@@ -2,9 +2,10 @@
 
 The table is [N+1, M, F] (M = 49 grid cells, row h*7+w; F = 2048 channels) with an
 all-zero row 0 for padding, so item id i reads row i. Converting the tutorial's
-files is slow and memory hungry, so it happens once into a memory-mappable `.npy`
-cache next to the source, written to a temporary file and renamed (a crash never
-leaves a half-written cache that looks valid). Later loads map the cache. Where the
+files is slow and memory hungry, so it happens once into a memory-mappable cache entry
+next to the source: one file, keyed on the source's content and published with one
+rename (`feature_cache`). Later loads map the cache. The `.npy` object array is read
+with `utils.safe_pickle.load_npy`, which runs nothing from the file. Where the
 source's folder cannot be written (a shared, read-only dataset), the cache goes to a
 user folder ($ACF_FAST_CACHE_DIR, else $XDG_CACHE_HOME/acf_fast/features, else
 ~/.cache/acf_fast/features); where that fails too, the table is read into memory.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import sys
 import warnings
@@ -26,15 +26,18 @@ import numpy as np
 import torch
 
 from ..utils import env
+from ..utils.safe_pickle import Refused, load_npy
+from . import feature_cache as fc
 
 GRID = 7
 SUPPORTED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # numpy has no bfloat16: its bits are stored as uint16 and viewed back in torch.
 _NP_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
-CACHE_VERSION = 2
+CACHE_VERSION = fc.VERSION
 CACHE_DIR = "ACF_FAST_CACHE_DIR"  # where caches of read-only feature folders go
-# a folder the cache cannot be written to: read-only, not ours, or full
-_UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+# a folder the cache cannot be written to: read-only or not ours; or full
+_UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -67,10 +70,14 @@ def user_cache_path(source: str | os.PathLike, dtype: torch.dtype) -> Path:
     return user_cache_dir() / f"{key}-{cache_path(source, dtype).name}"
 
 
-def existing_cache(source: str | os.PathLike, dtype: torch.dtype) -> Path | None:
-    """Where the current cache of `source` is (next to it or in the user folder), if any."""
+def existing_cache(source: str | os.PathLike, dtype: torch.dtype, key: str | None = None) -> Path | None:
+    """Where the current cache of `source` is (next to it or in the user folder), if any.
+    `key`: the source's `feature_cache.source_key`, when the caller has it already."""
+    key = fc.source_key(source) if key is None else key
     for dest in (cache_path(source, dtype), user_cache_path(source, dtype)):
-        if _cache_is_current(Path(source), dest, dtype):
+        entry = fc.read_entry(dest)
+        if entry is not None and entry.meta.get("source_key") == key \
+                and entry.meta.get("dtype") == _dtype_name(dtype):
             return dest
     return None
 
@@ -145,45 +152,37 @@ def table_from_tensor(features: torch.Tensor, dtype: torch.dtype | None = None) 
     return table
 
 
-def _fill(view: torch.Tensor, blocks, dtype: torch.dtype, source) -> None:
-    """blocks yields (first_row, float32 tensor [n, M, F]); written into rows 1.. of view."""
+def _converted(blocks, dtype: torch.dtype, source):
+    """blocks yields (first item row, float32 tensor [n, M, F]); checked and converted."""
     for first, block in blocks:
         _check_finite(block, first, source)
-        view[1 + first: 1 + first + block.shape[0]] = _convert_checked(block, dtype, first, source)
+        yield first, _convert_checked(block, dtype, first, source)
 
 
 def _memory_table(dtype: torch.dtype, n_items: int, m: int, f: int, blocks, meta) -> torch.Tensor:
     """The table in memory, for a source whose cache cannot be written anywhere."""
     table = torch.zeros((n_items + 1, m, f), dtype=dtype)
-    _fill(table, blocks, dtype, meta["source"])
+    for first, block in _converted(blocks, dtype, meta["source"]):
+        table[1 + first: 1 + first + block.shape[0]] = block
     return table
 
 
-def _write_cache(dest: Path, dtype: torch.dtype, n_items: int, m: int, f: int, blocks, meta) -> Path:
-    """The table into the cache file `dest` (and its .json), atomically."""
+def _write_cache(dest: Path, key: str, dtype: torch.dtype, n_items: int, m: int, f: int, blocks,
+                 meta) -> Path:
+    """The table as one cache entry at `dest` (feature_cache.write_entry), keyed on `key`."""
     name = _dtype_name(dtype)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=_NP_STORAGE[name],
-                                        shape=(n_items + 1, m, f))
-        out[0] = 0
-        view = torch.from_numpy(out)
-        if name == "bfloat16":
-            view = view.view(torch.bfloat16)
-        _fill(view, blocks, dtype, meta["source"])
-        out.flush()
-        del out, view
-        meta = {**meta, "cache_bytes": tmp.stat().st_size, "sha256": _file_sha256(tmp)}
-        with open(tmp.with_suffix(".json.tmp"), "w") as fh:
-            json.dump(meta, fh)
-        os.replace(tmp.with_suffix(".json.tmp"), dest.with_suffix(".json"))
-        os.replace(tmp, dest)
-    finally:
-        for leftover in (tmp, tmp.with_suffix(".json.tmp")):
-            if leftover.exists():
-                leftover.unlink()
-    return dest
+    source = Path(meta["source"])
+
+    def rows():
+        for first, block in _converted(blocks, dtype, source):
+            if name == "bfloat16":   # its bits, stored as uint16
+                yield first, block.contiguous().view(torch.int16).numpy().view(np.uint16)
+            else:
+                yield first, block.contiguous().numpy()
+
+    return fc.write_entry(dest, (n_items + 1, m, f), np.dtype(_NP_STORAGE[name]), rows(),
+                          {**meta, "source_key": key},
+                          still_current=lambda: fc.source_key(source) == key)
 
 
 def _npy_blocks(arr, path, f):
@@ -200,11 +199,17 @@ def _npy_blocks(arr, path, f):
         yield i, grid_to_components(torch.from_numpy(grid)[None], "channels_first")
 
 
-def _convert_npy(path: Path, dtype: torch.dtype, sink):
+def _load_npy(path: Path) -> np.ndarray:
     try:
-        arr = np.load(path, allow_pickle=True)
+        return load_npy(path, "feature file")
+    except Refused:
+        raise
     except Exception as exc:
         raise ValueError(f"{path}: not a readable .npy feature file ({exc})") from exc
+
+
+def _convert_npy(path: Path, dtype: torch.dtype, sink):
+    arr = _load_npy(path)
     if arr.dtype != object or arr.ndim != 2 or arr.shape[1] != 2:
         raise ValueError(f"{path}: expected the tutorial's object array of shape (N, 2) "
                          f"[name, array(F, 7, 7)], got dtype {arr.dtype} shape {arr.shape}")
@@ -253,61 +258,16 @@ def _convert_h5(path: Path, dtype: torch.dtype, sink):
 
 
 def _meta(path: Path, dtype: torch.dtype, names) -> dict:
-    st = path.stat()
-    return {"version": CACHE_VERSION, "source": str(path), "source_size": st.st_size,
-            "source_mtime_ns": st.st_mtime_ns, "dtype": _dtype_name(dtype), "names": names}
-
-
-def _cache_is_current(path: Path, dest: Path, dtype: torch.dtype) -> bool:
-    meta_path = dest.with_suffix(".json")
-    if not dest.exists() or not meta_path.exists():
-        return False
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        return False
-    st = path.stat()
-    return (meta.get("version") == CACHE_VERSION and meta.get("dtype") == _dtype_name(dtype)
-            and meta.get("source_size") == st.st_size
-            and meta.get("source_mtime_ns") == st.st_mtime_ns)
-
-
-def _file_sha256(path: Path, chunk: int = 16 * 2**20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-# Caches up to this size are hashed on every load (a fraction of a second per 100 MB);
-# larger ones are checked for size, and hashed when verify=True or ACF_FAST_VERIFY_CACHE=1.
-VERIFY_LIMIT_BYTES = 2**30
-
-
-def _verify_cache(dest: Path, meta: dict, verify: bool | None) -> None:
-    size = dest.stat().st_size
-    if size != meta.get("cache_bytes"):
-        raise ValueError(f"{dest}: corrupt feature cache (truncated: {size} bytes, expected "
-                         f"{meta.get('cache_bytes')}); delete it to rebuild")
-    if verify is None:
-        verify = size <= VERIFY_LIMIT_BYTES or env.verify_every_cache()
-    if verify and _file_sha256(dest) != meta.get("sha256"):
-        raise ValueError(f"{dest}: corrupt feature cache (checksum mismatch); delete it to rebuild")
+    return {"source": str(path), "source_size": path.stat().st_size, "dtype": _dtype_name(dtype),
+            "names": names}
 
 
 def _open_cache(dest: Path, dtype: torch.dtype, verify: bool | None = None) -> torch.Tensor:
     name = _dtype_name(dtype)
-    try:
-        meta = json.loads(dest.with_suffix(".json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{dest}: feature cache has no readable metadata ({exc}); "
-                         "delete it to rebuild") from exc
-    _verify_cache(dest, meta, verify)
-    try:
-        arr = np.load(dest, mmap_mode="r")
-    except Exception as exc:
-        raise ValueError(f"{dest}: corrupt feature cache ({exc}); delete it to rebuild") from exc
+    entry = fc.read_entry(dest)
+    if entry is None:
+        raise ValueError(f"{dest}: feature cache has no readable metadata; delete it to rebuild")
+    arr = fc.open_entry(dest, entry, verify)
     if arr.dtype != _NP_STORAGE[name] or arr.ndim != 3:
         raise ValueError(f"{dest}: corrupt feature cache (dtype {arr.dtype}, shape {arr.shape}); "
                          "delete it to rebuild")
@@ -326,26 +286,32 @@ def _converter(path: Path):
     raise ValueError(f"{path}: unknown feature format {suffix!r}; expected .npy or .h5")
 
 
-def _build_cache(path: Path, dtype: torch.dtype, convert) -> Path | None:
+def _build_cache(path: Path, dtype: torch.dtype, convert, key: str) -> Path | None:
     """Convert `path` into its cache: next to it, else in the user cache folder. None when
-    neither can be written (an error of the source itself is raised as it is)."""
-    tried = []
+    neither can be written; OSError(ENOSPC) when one could but none had room for it (an
+    error of the source itself is raised as it is)."""
+    tried, full = [], []
     for dest in (cache_path(path, dtype), user_cache_path(path, dtype)):
         folder = next((p for p in dest.parents if p.exists()), dest.parent)
         if not os.access(folder, os.W_OK):   # read-only mount or not ours: skip the conversion
             tried.append(f"{dest.parent}: not writable")
             continue
         try:
-            convert(path, dtype, lambda *args, dest=dest: _write_cache(dest, *args))
+            convert(path, dtype, lambda *args, dest=dest: _write_cache(dest, key, *args))
         except OSError as exc:
-            if exc.errno not in _UNWRITABLE:
+            if exc.errno not in _UNWRITABLE | _FULL:
                 raise
-            tried.append(f"{dest.parent}: {exc.strerror}")
+            if exc.errno in _FULL:   # feature_cache names the folder and the size needed
+                full.append(exc.strerror)
+            tried.append(full[-1] if exc.errno in _FULL else f"{dest.parent}: {exc.strerror}")
             continue
         if tried:
             _notice(f"feature cache of {path} written to {dest} ({tried[0]}; "
                     f"set {CACHE_DIR} to choose the folder)")
         return dest
+    if full:
+        raise OSError(errno.ENOSPC, f"{'; '.join(full)}; free space there or set {CACHE_DIR} to a "
+                                    "folder with room")
     _notice(f"feature cache of {path} cannot be written ({'; '.join(tried)}); reading the "
             f"features into memory (set {CACHE_DIR} to a writable folder to cache them)")
     return None
@@ -357,18 +323,20 @@ def load_feature_table(path: str | os.PathLike, dtype: torch.dtype = torch.float
 
     The result is memory-mapped from the cache file (read-only); `.to(device)` copies it.
     The cache is next to the source, or in `user_cache_dir()` when the source's folder
-    cannot be written; use_cache=False rebuilds it. A truncated cache is always refused;
-    its checksum is verified when `verify` is True, or by default for caches up to
-    VERIFY_LIMIT_BYTES.
+    cannot be written; it is used when it was made from the same content
+    (`feature_cache.source_key`); use_cache=False rebuilds it. A truncated cache is always
+    refused; its checksum is verified when `verify` is True, or by default for caches up
+    to feature_cache.VERIFY_LIMIT_BYTES (1 GiB).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"feature file not found: {path}")
     _dtype_name(dtype)
-    dest = existing_cache(path, dtype) if use_cache else None
+    convert = _converter(path)
+    key = fc.source_key(path)
+    dest = existing_cache(path, dtype, key) if use_cache else None
     if dest is None:
-        convert = _converter(path)
-        dest = _build_cache(path, dtype, convert)
+        dest = _build_cache(path, dtype, convert, key)
         if dest is None:
             return convert(path, dtype, _memory_table)
     return _open_cache(dest, dtype, verify)
@@ -376,7 +344,7 @@ def load_feature_table(path: str | os.PathLike, dtype: torch.dtype = torch.float
 
 def _source_names(path: Path) -> list[str]:
     if path.suffix.lower() == ".npy":
-        return [str(x) for x in np.load(path, allow_pickle=True)[:, 0]]
+        return [str(x) for x in _load_npy(path)[:, 0]]
     import h5py
 
     with h5py.File(path, "r") as fh:
@@ -387,6 +355,7 @@ def feature_names(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -
     """Item names (file names) stored with a feature file's cache, row i-1 for item id i
     (read from the source itself when it has no cache)."""
     dest = existing_cache(path, dtype)
-    if dest is None:
+    entry = None if dest is None else fc.read_entry(dest)
+    if entry is None:
         return _source_names(Path(path))
-    return json.loads(dest.with_suffix(".json").read_text())["names"]
+    return entry.meta["names"]

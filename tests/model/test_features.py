@@ -148,7 +148,8 @@ def test_truncated_or_corrupted_cache_is_refused(tmp_path):
     with pytest.raises(ValueError, match="checksum mismatch"):
         load_feature_table(path)
     load_feature_table(path, verify=False)  # size-only check on request (huge caches)
-    cache.with_suffix(".json").write_text("{not json")
+    meta_at = bytes(flipped).rindex(b'{"source"')      # the entry's metadata: unreadable
+    cache.write_bytes(bytes(flipped[:meta_at]) + b"{not json" + bytes(flipped[meta_at + 9:]))
     torch.testing.assert_close(load_feature_table(path), expected_table(grids()))  # rebuilt
 
 
@@ -212,14 +213,12 @@ def test_a_write_refused_by_the_file_system_falls_back_too(tmp_path, monkeypatch
     import errno
 
     path = write_npy(tmp_path / "f.npy", grids())
-    real = np.lib.format.open_memmap
 
-    def refuse_next_to_source(filename, *args, **kwargs):
-        if os.path.dirname(filename) == str(tmp_path):
+    def refuse_next_to_source(point, filename):  # the cache's fault hook, as it creates its file
+        if point == "create" and os.path.dirname(filename) == str(tmp_path):
             raise OSError(errno.EROFS, "Read-only file system", str(filename))
-        return real(filename, *args, **kwargs)
 
-    monkeypatch.setattr(np.lib.format, "open_memmap", refuse_next_to_source)
+    monkeypatch.setattr(F.fc, "FAULT", refuse_next_to_source)
     monkeypatch.setenv("ACF_FAST_CACHE_DIR", str(tmp_path / "elsewhere"))
     torch.testing.assert_close(load_feature_table(path), expected_table(grids()))
     assert "Read-only file system" in capsys.readouterr().err
