@@ -74,15 +74,23 @@ def parse_ints(values: list[str], path, column: str, first_line: int) -> np.ndar
 
 
 def parse_timestamps(values: list[str], path, first_line: int) -> np.ndarray:
-    """Integers when they all are (the tutorial's Unix times), floats otherwise."""
+    """Integers when they all are (the tutorial's Unix times), floats otherwise; nan and inf
+    are refused (they would sort a user's oldest interactions into the held-out newest)."""
     arr = np.array(values, dtype=np.str_)
     try:
         return arr.astype(np.int64)
     except (ValueError, OverflowError):
         try:
-            return arr.astype(np.float64)
+            times = arr.astype(np.float64)
         except ValueError:
             raise _bad_value(values, path, "timestamp", first_line, "number") from None
+    bad = np.flatnonzero(~np.isfinite(times))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{path}, line {first_line + i}: column 'timestamp' has {values[i]!r}, "
+                         "expected a finite number (nan and inf cannot be ordered in time); "
+                         "fix or drop the rows with such timestamps")
+    return times
 
 
 def parse_id_lists(values: list[str], path, column: str, first_line: int):

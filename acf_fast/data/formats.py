@@ -11,6 +11,7 @@ for the model is 1-based (0 is padding). Users are 0..U-1 in files and in memory
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,31 @@ def read_interactions(path, n_items: int | None = None) -> Interactions:
     last = np.ones(user.size, dtype=bool)
     last[:-1] = (user[1:] != user[:-1]) | (item[1:] != item[:-1])
     return Interactions(user[last], item[last], timestamp[last])
+
+
+def check_user_ids(inter: Interactions, path) -> None:
+    """User ids must be dense, 0..U-1 (the user table has max id + 1 rows, and the triplet
+    quota is split over all of them): refuse ids of which more than half are never used (an
+    outlier or a raw database id would inflate the table, or try to allocate terabytes),
+    warn about a few unused ones."""
+    if not len(inter):
+        return
+    top = int(inter.user.max())
+    used = int(np.unique(inter.user).size)
+    unused = top + 1 - used
+    if unused > used:
+        raise ValueError(
+            f"{path}: user ids are sparse: {used:,} distinct users, but the largest id is {top:,}, "
+            f"so the user table would have {top + 1:,} rows ({unused:,} never used) and each "
+            f"user's triplet quota would shrink {(top + 1) / used:,.0f}-fold. acf-fast expects dense "
+            f"0-based user ids (0..U-1, as in the tutorial's files): remap them first, e.g. with "
+            "pandas `df['user_id'], original = pd.factorize(df['user_id'])` (original[i] is the "
+            "id user i had, to map recommendations back)")
+    if unused:
+        print(f"acf_fast prepare: {unused:,} of the user ids 0..{top:,} never occur in {path}; they "
+              f"count in the user table but get no triplets, so about {unused / (top + 1):.0%} fewer "
+              f"triplets are written than requested (remap the ids to 0..{used - 1:,} to avoid it)",
+              file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- triplets

@@ -7,11 +7,14 @@ re-reading the interactions. Item ids here are the model's, 1-based.
 
 from __future__ import annotations
 
+import io
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+ARRAYS = ("n_users", "n_items", "train_ptr", "train_items", "consumed_ptr", "consumed_items")
 
 
 @dataclass
@@ -81,6 +84,25 @@ class UserHistory:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"user history not found: {path} (written by `acf-fast prepare`)")
-        with np.load(path) as z:
-            return cls(int(z["n_users"]), int(z["n_items"]), z["train_ptr"], z["train_items"],
-                       z["consumed_ptr"], z["consumed_items"])
+        return cls.from_bytes(path.read_bytes(), path)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, path) -> "UserHistory":
+        """The history in `data` (the bytes of `path`); a truncated or damaged file is one
+        ValueError naming it, not a BadZipFile or KeyError from inside numpy."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                missing = [k for k in ARRAYS if k not in z.files]
+                if missing:
+                    raise ValueError(f"it lacks {missing}")
+                h = cls(int(z["n_users"]), int(z["n_items"]), z["train_ptr"], z["train_items"],
+                        z["consumed_ptr"], z["consumed_items"])
+            for name in ("train", "consumed"):
+                ptr, items = getattr(h, f"{name}_ptr"), getattr(h, f"{name}_items")
+                if ptr.shape != (h.n_users + 1,) or int(ptr[-1]) != items.size or np.any(np.diff(ptr) < 0):
+                    raise ValueError(f"its {name}_ptr does not fit {h.n_users} users and "
+                                     f"{items.size} items")
+        except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, TypeError) as exc:
+            raise ValueError(f"{path} is not a readable user history ({exc}): it is truncated or "
+                             "damaged; run `acf-fast prepare` again") from None
+        return h

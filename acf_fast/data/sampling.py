@@ -28,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.atomic_folder import atomic_folder, check_target
 from ..utils.progress import bar as tqdm
 from .csv_io import join_ids, write_csv_atomic
-from .formats import Interactions, read_interactions
+from .formats import Interactions, check_user_ids, read_interactions
 from .history import UserHistory
-from .prepared import (EVALUATION_FILE, FILES, HISTORY_FILE, TRAIN_FILE, VALIDATION_FILE,
-                       write_manifest)
+from .prepared import (CHECKS, EVALUATION_FILE, FILES, HISTORY_FILE, OVERWRITE_HINT, TRAIN_FILE,
+                       VALIDATION_FILE, file_checks, is_prepared_folder, write_manifest)
 
 PROFILE_WINDOW = 10          # the tutorial's profile: up to 10 items ending at pi
 HOLDOUT_BASKETS = 10
@@ -258,8 +259,15 @@ def feature_item_count(features_path) -> int:
 
 
 def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_validation: int = 500_000,
-            seed: int = 0, holdout_baskets: int = HOLDOUT_BASKETS, progress: bool = True) -> dict:
+            seed: int = 0, holdout_baskets: int = HOLDOUT_BASKETS, progress: bool = True,
+            overwrite: bool = False) -> dict:
     """Run the tutorial protocol; write the three CSVs, history.npz and dataset.json into out_dir.
+
+    out_dir is written whole or not at all (a temporary sibling folder renamed into place),
+    and the manifest records each file's rows, bytes and sha256. An out_dir that already holds
+    a prepared dataset is refused unless overwrite=True (a run trained from it would no longer
+    match); a non-empty folder of other files is always refused. User ids must be dense
+    (`formats.check_user_ids`) and timestamps finite.
 
     `features` (the tutorial's .npy or .h5) fixes the catalogue size N and is converted
     to the feature cache; interactions naming an item id >= N are refused.
@@ -279,6 +287,9 @@ def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_valida
                              ("holdout_baskets", holdout_baskets, 1), ("seed", seed, 0)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    folder = dict(overwrite=overwrite, replaceable=is_prepared_folder, what="prepared dataset",
+                  overwrite_hint=OVERWRITE_HINT)
+    check_target(out, **folder)                 # before minutes of work, and again at the end
     features = Path(features)
     if not features.exists():
         raise FileNotFoundError(f"feature file not found: {features}")
@@ -290,6 +301,7 @@ def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_valida
             raise
         raise ValueError(f"{exc}; the feature file {features} has {n_items} items, so the "
                          "interactions and the feature file do not match") from None
+    check_user_ids(inter, interactions)
     split = split_baskets(inter, n_items, holdout_baskets)
     active = int((np.diff(split.train_ptr) > 0).sum())
     n_users = split.n_users
@@ -300,16 +312,7 @@ def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_valida
     # first per_train draws of each user train, the rest validate (no key in both)
     first_of_user = np.searchsorted(user, user, side="left")
     is_train = (np.arange(user.size) - first_of_user) < per_train
-    out.mkdir(parents=True, exist_ok=True)
     windows = window_strings(split)
-    write_triplets(out / TRAIN_FILE, split, windows, user[is_train], pos[is_train], neg[is_train],
-                   "writing train", progress)
-    write_triplets(out / VALIDATION_FILE, split, windows, user[~is_train], pos[~is_train],
-                   neg[~is_train], "writing validation", progress)
-    write_csv_atomic(out / EVALUATION_FILE, ["timestamp", "user_id", "predict", "profile"],
-                     _evaluation_rows(split))
-    UserHistory(n_users, n_items, split.train_ptr, split.train_items + 1,
-                split.consumed_ptr, split.consumed_items + 1).save(out / HISTORY_FILE)
     manifest = {
         "interactions": str(Path(interactions).resolve()),
         "features": str(features.resolve()),
@@ -321,5 +324,17 @@ def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_valida
         "seed": seed, "holdout_baskets": holdout_baskets,
         "files": dict(FILES),
     }
-    write_manifest(out, manifest)
+    rows = {"train": manifest["n_train_triplets"], "validation": manifest["n_validation_triplets"],
+            "evaluation": manifest["n_evaluation_baskets"], "history": n_users}
+    with atomic_folder(out, **folder) as tmp:
+        write_triplets(tmp / TRAIN_FILE, split, windows, user[is_train], pos[is_train],
+                       neg[is_train], "writing train", progress)
+        write_triplets(tmp / VALIDATION_FILE, split, windows, user[~is_train], pos[~is_train],
+                       neg[~is_train], "writing validation", progress)
+        write_csv_atomic(tmp / EVALUATION_FILE, ["timestamp", "user_id", "predict", "profile"],
+                         _evaluation_rows(split))
+        UserHistory(n_users, n_items, split.train_ptr, split.train_items + 1,
+                    split.consumed_ptr, split.consumed_items + 1).save(tmp / HISTORY_FILE)
+        manifest[CHECKS] = file_checks(tmp, rows)
+        write_manifest(tmp, manifest)
     return manifest
