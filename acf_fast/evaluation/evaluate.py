@@ -24,6 +24,7 @@ from ..data.history import UserHistory
 from ..data.prepared import PreparedDataset
 from ..model.acf import ACF, load_model
 from ..model.scoring import catalogue_columns, rank_targets
+from ..utils.outputs import check_output_folder
 from ..utils.progress import bar as tqdm
 from .metrics import (IDEAL_HITS, IDEAL_MIN_N_K, KS, REPORTED, format_table, mean_metrics,
                       metric_names, ranking_metrics)
@@ -140,12 +141,19 @@ def by_size(per_group: dict[str, np.ndarray], sizes: np.ndarray, edges=HISTORY_B
 def evaluate(checkpoint, data_dir, out_dir=None, features=None, ks=KS,
              protocols=("tutorial", "standard"), max_profile_size: int | None = None,
              memory_mb: float = 256, backend: str = "auto", device: str = "cpu",
-             plot: bool = True, progress: bool = True, print_table: bool = True) -> dict:
-    """Evaluate a checkpoint on `naive-user-evaluation.csv`; write metrics.json/.csv and a PNG."""
+             plot: bool = True, progress: bool = True, print_table: bool = True,
+             check_dataset: bool = True) -> dict:
+    """Evaluate a checkpoint on `naive-user-evaluation.csv`; write metrics.json/.csv and a PNG.
+
+    A checkpoint trained on another dataset (its recorded fingerprint) is refused unless
+    check_dataset=False; `out_dir` is checked (a writable folder) before any work."""
     data = PreparedDataset(data_dir)
+    if out_dir is not None and distributed.is_main():
+        check_output_folder(out_dir, "--out folder", keep=False)
     device = distributed.init_distributed(device).device    # cuda:LOCAL_RANK under torchrun
     distributed.prepare_feature_cache(data.features(features))   # built once, then mapped
-    model = load_model(checkpoint, data.features(features), backend, device, data.n_users, data.n_items)
+    model = load_model(checkpoint, data.features(features), backend, device, data.n_users,
+                       data.n_items, dataset=data, check_dataset=check_dataset)
     groups = data.evaluation()
     history = data.history() if "standard" in protocols else None
     if max_profile_size is None:

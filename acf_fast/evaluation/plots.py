@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..utils.outputs import atomic_write
+
 
 class MissingPlotting(RuntimeError):
     """matplotlib is not importable (an install made with --no-deps)."""
@@ -43,6 +45,9 @@ def plot_metrics_by_size(rows_by_protocol: dict, path, xlabel: str,
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_write(path, "wb") as fh:     # whole or absent, also on a full disk
+            fig.savefig(fh, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return path

@@ -12,11 +12,11 @@ from ..backends import registry as _backend
 from ..utils.devices import check_device
 from . import ids as _ids
 from .batch_checks import PAD, BatchChecks
-from .checkpoint import build_from_checkpoint, check_feature_count
+from .checkpoint import CHECKSUM_KEY, build_from_checkpoint, check_feature_count, read_checkpoint
 from .features import load_feature_table, table_from_tensor
 from .reference import ACFUserNet
 
-__all__ = ["ACF", "PAD", "check_feature_count", "load_model"]
+__all__ = ["ACF", "DATASET_KEY", "PAD", "check_checkpoint_dataset", "check_feature_count", "load_model"]
 
 
 class ACF(BatchChecks, nn.Module):
@@ -182,33 +182,23 @@ class ACF(BatchChecks, nn.Module):
 
     @torch.no_grad()
     def recommend_batch(self, user_ids, profile_ids, k=None, exclude=None, return_attentions=False,
-                        profile_mask=None, block_items: int = 65536):
+                        profile_mask=None, block_items: int = 65536, block_users: int | None = None):
         """Batched recommendation for B users at once (acf_fast's API; any B, 1 included).
 
         k=None returns scores [B, N] (column c = item all_items[c]). With k, returns (top-k
         scores [B, k], top-k item ids [B, k]) without materialising more than one
-        [B, block_items] block. `exclude` is an optional [B, E] tensor of item ids (0 =
-        none) to rank last; with k, places that exclusions leave empty hold item id 0 with
-        score -inf. return_attentions adds, in the tutorial's order, component attentions
-        [B, P, M] and profile attentions [B, P], both 0 on padded slots:
-        (result, component, profile).
+        [block_users, block_items] block. `exclude`: item ids (0 = none) to rank last, a
+        [B, E] tensor or array or one list per user; with k, places that exclusions leave
+        empty hold item id 0 with score -inf. return_attentions adds, in the tutorial's
+        order, component attentions [B, P, M] and profile attentions [B, P], both 0 on
+        padded slots: (result, component, profile). Users are taken in blocks of
+        `block_users` (default: what fits a few hundred MiB of working memory).
         """
-        user, alpha, beta = self.user_vectors(user_ids, profile_ids, profile_mask, return_attentions)
-        from .scoring import score_catalogue
+        from .scoring import recommend_in_blocks
 
-        result = score_catalogue(user, self.item_model.weight, self.all_items, self.model_dim,
-                                 k=k, exclude=exclude, block_items=block_items)
-        # NaN (or +inf) scores would rank first and give meaningless metrics downstream.
-        # Checked on what is returned (the user vectors and the scores), not on the whole
-        # item table: that would cost a pass over N x D per call, per user in a loop.
-        scores = result[0] if k is not None else result
-        if not (torch.isfinite(user).all() & ~(scores.isnan() | (scores == float("inf"))).any()):
-            raise ValueError("the model's user vectors or item embeddings are not finite "
-                             "(NaN/inf parameters, e.g. from a diverged training run); no "
-                             "ranking is possible")
-        if return_attentions:
-            return result, beta, alpha
-        return result
+        return recommend_in_blocks(self, user_ids, profile_ids, k=k, exclude=exclude,
+                                   return_attentions=return_attentions, profile_mask=profile_mask,
+                                   block_items=block_items, block_users=block_users)
 
     # ------------------------------------------------------------------ checkpoints
     def args(self) -> dict:
@@ -227,7 +217,8 @@ class ACF(BatchChecks, nn.Module):
     @classmethod
     def from_checkpoint(cls, checkpoint, device=None, force_h5=False, *, feature_path=None,
                         features=None, feature_dtype=torch.float32, backend="auto",
-                        map_location="cpu", n_users=None, n_items=None):
+                        map_location="cpu", n_users=None, n_items=None, dataset=None,
+                        check_dataset=True):
         """Build from a checkpoint {epoch, loss, model_args, state_dict, optimizer} (a dict
         or a path), the tutorial's or acf_fast's. device / force_h5: as the tutorial's.
         feature_path / features override the checkpoint's feature_path.
@@ -235,14 +226,76 @@ class ACF(BatchChecks, nn.Module):
         n_users / n_items: the dataset the model is about to see. A checkpoint of another
         dataset is refused before the feature table is read (which would otherwise fail
         with a message blaming the feature file), and so is a feature file of another size.
+        dataset: the PreparedDataset it is about to see (its sizes are n_users / n_items by
+        default); a checkpoint that recorded another dataset's fingerprint is refused
+        unless check_dataset=False (see check_checkpoint_dataset).
         """
-        return build_from_checkpoint(
-            cls, checkpoint, device=device, force_h5=force_h5, feature_path=feature_path,
-            features=features, feature_dtype=feature_dtype, backend=backend,
-            map_location=map_location, n_users=n_users, n_items=n_items)
+        return _from_checkpoint(
+            cls, checkpoint, dataset, check_dataset, device=device, force_h5=force_h5,
+            feature_path=feature_path, features=features, feature_dtype=feature_dtype,
+            backend=backend, map_location=map_location, n_users=n_users, n_items=n_items)
 
 
-def load_model(checkpoint, features, backend, device, n_users=None, n_items=None) -> ACF:
-    """A trained model in eval mode, checked against the dataset it is about to score."""
+DATASET_KEY = "dataset_fingerprint"      # what train records of its PreparedDataset
+REQUIRED_STATE = ("item_model.weight", "user_model.user_embedding.weight")
+
+
+def check_checkpoint_dataset(ckpt: dict, dataset, name) -> None:
+    """Refuse a checkpoint trained on another dataset than `dataset` (a PreparedDataset,
+    or anything with .fingerprint and .folder): the fingerprint `train` recorded in it
+    against the dataset's. A checkpoint without one (older files, the tutorial's) is
+    accepted unchecked."""
+    recorded = ckpt.get(DATASET_KEY)
+    if recorded is None or dataset is None or recorded == dataset.fingerprint:
+        return
+    trained_on = (ckpt.get("train_config") or {}).get("data_dir")
+    source = f"recorded in {name}" + (f" when it was trained on {trained_on}" if trained_on else "")
+    raise ValueError(f"{name} was trained on another dataset: fingerprint {recorded} ({source}) "
+                     f"is not {dataset.fingerprint} (of {dataset.folder}, from its dataset.json); "
+                     "use the data it was trained on, or pass --any-dataset (library: "
+                     "check_dataset=False) to use this one on purpose")
+
+
+def check_state_dict(ckpt: dict, name, n_users=None, n_items=None) -> None:
+    """The state dict has the tensors the model is built from, of this dataset's sizes."""
+    state = ckpt["state_dict"]
+    missing = [k for k in REQUIRED_STATE if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{name}: its state_dict lacks {', '.join(missing)}: the file is damaged "
+                         "or not an ACF checkpoint; use another checkpoint (or train again)")
+    for what, key, expected in (("users", REQUIRED_STATE[1], n_users), ("items", REQUIRED_STATE[0], n_items)):
+        have = state[key].shape[0] - (what == "items")
+        if expected is not None and have != expected:
+            raise ValueError(f"checkpoint {name} was trained with {have} {what} but the dataset "
+                             f"has {expected}: it belongs to another dataset")
+
+
+def _from_checkpoint(cls, checkpoint, dataset, check_dataset, *, n_users, n_items, **kwargs):
+    if kwargs["device"] is not None:
+        check_device(kwargs["device"])
+    ckpt = read_checkpoint(checkpoint, map_location=kwargs["map_location"])
+    name = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "the checkpoint"
+    if dataset is not None:
+        n_users = dataset.n_users if n_users is None else n_users
+        n_items = dataset.n_items if n_items is None else n_items
+    check_state_dict(ckpt, name, n_users, n_items)      # sizes first: the plainest message
+    if check_dataset:
+        check_checkpoint_dataset(ckpt, dataset, name)
+    verified = {k: v for k, v in ckpt.items() if k != CHECKSUM_KEY}   # not hashed a second time
+    try:
+        return build_from_checkpoint(cls, verified, n_users=n_users, n_items=n_items, **kwargs)
+    except RuntimeError as exc:
+        if "state_dict" not in str(exc):
+            raise
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"{name}: its state_dict does not fit the model it describes ({detail[:400]}); "
+                         "the file is damaged or from another model: use another checkpoint") from None
+
+
+def load_model(checkpoint, features, backend, device, n_users=None, n_items=None, *, dataset=None,
+               check_dataset=True) -> ACF:
+    """A trained model in eval mode, checked against the dataset it is about to score
+    (its sizes, and with `dataset` its fingerprint unless check_dataset=False)."""
     return ACF.from_checkpoint(checkpoint, feature_path=features, backend=backend, device=device,
-                               n_users=n_users, n_items=n_items).eval()
+                               n_users=n_users, n_items=n_items, dataset=dataset,
+                               check_dataset=check_dataset).eval()

@@ -39,12 +39,32 @@ def rank_targets(scores: torch.Tensor, all_items: torch.Tensor, targets: torch.T
     return torch.where(targets > 0, above, torch.full_like(above, -1))
 
 
-def _excluded_columns(all_items: torch.Tensor, exclude: torch.Tensor, num_rows: int):
-    """(rows, cols) of excluded (user, catalogue column) pairs; id 0 in exclude means none."""
+def as_exclude(exclude, num_rows: int) -> torch.Tensor | None:
+    """`exclude` as a [num_rows, E] tensor of item ids (0 = none), checked for shape and
+    dtype. Accepts a tensor, a numpy array, or one list of ids per row (lists of different
+    lengths are padded with 0); anything else is a TypeError naming the argument."""
+    if exclude is None:
+        return None
+    if not isinstance(exclude, torch.Tensor):
+        rows = exclude
+        if isinstance(exclude, (list, tuple)) and all(isinstance(r, (list, tuple, range)) for r in exclude):
+            width = max((len(r) for r in exclude), default=0)
+            rows = [list(r) + [0] * (width - len(r)) for r in exclude]
+        try:
+            exclude = torch.as_tensor(rows)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise TypeError(f"exclude must be item ids: a [{num_rows}, E] tensor or array, or one "
+                            f"list of ids per user; got {type(exclude).__name__} ({exc})") from None
     if exclude.dim() != 2 or exclude.shape[0] != num_rows:
         raise ValueError(f"exclude must be [{num_rows}, E] item ids, got shape {tuple(exclude.shape)}")
-    if exclude.is_floating_point() or exclude.dtype == torch.bool:
+    if exclude.is_floating_point() or exclude.is_complex() or exclude.dtype == torch.bool:
         raise TypeError(f"exclude must hold integer item ids, got {exclude.dtype}")
+    return exclude
+
+
+def _excluded_columns(all_items: torch.Tensor, exclude, num_rows: int):
+    """(rows, cols) of excluded (user, catalogue column) pairs; id 0 in exclude means none."""
+    exclude = as_exclude(exclude, num_rows).to(all_items.device)
     if exclude.numel():
         lo, hi = int(exclude.min()), int(exclude.max())
         top = int(all_items.max())
@@ -94,3 +114,62 @@ def score_catalogue(user: torch.Tensor, item_emb: torch.Tensor, all_items: torch
     if ex_rows is not None:
         best_i = best_i.masked_fill(best_s == float("-inf"), 0)
     return best_s, best_i
+
+
+BLOCK_BYTES = 256 * 2**20   # working memory of one block of users in recommend_batch
+
+
+def user_block_size(model, profile_width: int, block_items: int, k: int | None = None,
+                    budget: int | None = None) -> int:
+    """Users per block so that one block's working memory stays near `budget`: the
+    reference backend gathers [B, P, M, F] features and [P, M, B, D] activations (the
+    fused backends need less), and scoring holds a [B, block_items + k] block."""
+    table = model.feature_table
+    param = model.item_model.weight
+    m, f, d = table.shape[1], table.shape[-1], model.model_dim
+    per_user = (max(profile_width, 1) * m * (f * param.element_size() + 4 * d * param.element_size())
+                + (min(model.all_items.numel(), block_items) + (k or 0)) * 4 * 3)
+    return max(1, (BLOCK_BYTES if budget is None else budget) // per_user)
+
+
+@torch.no_grad()
+def recommend_in_blocks(model, user_ids, profile_ids, k=None, exclude=None, return_attentions=False,
+                        profile_mask=None, block_items: int = 65536, block_users: int | None = None):
+    """`ACF.recommend_batch`, over blocks of users: peak memory is one block's (see
+    user_block_size) plus the result, whatever the number of users."""
+    user_ids, profile_ids, profile_mask, _, _ = model._check_batch(user_ids, profile_ids, profile_mask)
+    n = user_ids.shape[0]
+    exclude = as_exclude(exclude, n)
+    if exclude is not None:
+        _excluded_columns(model.all_items, exclude, n)      # every id checked before any work
+    step = block_users or user_block_size(model, profile_ids.shape[1], block_items, k)
+    if step < 1:
+        raise ValueError(f"block_users must be >= 1, got {block_users}")
+    blocks = [(s, min(s + step, n)) for s in range(0, n, step)] or [(0, 0)]
+    full, tops, betas, alphas = None, [], [], []
+    for s, e in blocks:
+        user, alpha, beta = model.user_vectors(user_ids[s:e], profile_ids[s:e], profile_mask[s:e],
+                                               return_attentions)
+        result = score_catalogue(user, model.item_model.weight, model.all_items, model.model_dim,
+                                 k=k, exclude=None if exclude is None else exclude[s:e],
+                                 block_items=block_items)
+        # NaN (or +inf) scores would rank first and give meaningless metrics downstream.
+        # Checked on what is returned (the user vectors and the scores), not on the whole
+        # item table: that would cost a pass over N x D per call, per user in a loop.
+        scores = result[0] if k is not None else result
+        if not (torch.isfinite(user).all() & ~(scores.isnan() | (scores == float("inf"))).any()):
+            raise ValueError("the model's user vectors or item embeddings are not finite "
+                             "(NaN/inf parameters, e.g. from a diverged training run); no "
+                             "ranking is possible")
+        if len(blocks) == 1:
+            return (result, beta, alpha) if return_attentions else result
+        if k is None:      # [B, N] filled in place: no second copy of the largest thing returned
+            full = result.new_empty((n, result.shape[1])) if full is None else full
+            full[s:e] = result
+        else:
+            tops.append(result)
+        betas.append(beta), alphas.append(alpha)
+    result = full if k is None else tuple(torch.cat(col) for col in zip(*tops))
+    if return_attentions:
+        return result, torch.cat(betas), torch.cat(alphas)
+    return result

@@ -9,8 +9,12 @@
     acf-fast extract   IMAGES OUT.h5 --weights resnet50.pth
     acf-fast demo      [--out demo_out]
 
-Bad input (missing files or columns, unknown ids, mismatched feature files) ends
-with one line `acf-fast: error: ...` and exit status 2; `--traceback` shows more.
+Bad input (missing files or columns, unknown ids, mismatched feature files, a
+checkpoint of another dataset) and a hostile environment (a full disk, a read-only or
+wrongly typed output path, a damaged file, too little memory, a run folder another run
+holds) end with one line `acf-fast: error: ...` and exit status 2; `--traceback` shows
+more. The boundary is `main()`: every error a user or the machine can cause, nothing
+that only a bug in acf_fast raises (those keep their traceback).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import sys
 
 from ..data.synth import SynthConfig
+from .errors import USER_ERRORS, describe_error
 
 
 def _count(minimum: int = 1):
@@ -60,6 +65,9 @@ def _add_runtime(p):
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--features", default=None, help="feature file (default: the one `prepare` used)")
+    p.add_argument("--any-dataset", action="store_true",
+                   help="use a checkpoint on another dataset than the one it was trained on (its "
+                        "recorded fingerprint differs; refused by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-baskets", type=_count(1), default=10,
                    help="most recent baskets per user held out for evaluation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it already holds a prepared dataset (runs trained from "
+                        "the old one will refuse the new one)")
 
     p = sub.add_parser("train", formatter_class=fmt, help="train ACF on prepared triplets")
     p.add_argument("data", help="folder written by `prepare`")
@@ -217,7 +228,8 @@ def run(args) -> int:
         from ..data.sampling import prepare
 
         m = prepare(args.interactions, args.features, args.out, n_train=args.n_train,
-                    n_validation=args.n_validation, seed=args.seed, holdout_baskets=args.holdout_baskets)
+                    n_validation=args.n_validation, seed=args.seed, holdout_baskets=args.holdout_baskets,
+                    overwrite=args.overwrite)
         print(json.dumps(m, indent=2))
     elif cmd == "train":
         from ..training import TrainConfig, train
@@ -229,7 +241,8 @@ def run(args) -> int:
                           val_rank_samples=args.val_rank_samples, checkpoint_every=args.checkpoint_every,
                           backend=args.backend, device=args.device, feature_dtype=args.feature_dtype,
                           max_steps=args.max_steps, overwrite=args.overwrite,
-                          num_threads=args.threads, cuda_graph=args.cuda_graph)
+                          num_threads=args.threads, cuda_graph=args.cuda_graph,
+                          check_dataset=not args.any_dataset)
         s = train(cfg, resume=args.resume)
         if is_main():   # under torchrun, rank 0 speaks for all
             from pathlib import Path
@@ -244,7 +257,7 @@ def run(args) -> int:
         protocols = ("tutorial", "standard") if args.protocol == "both" else (args.protocol,)
         r = evaluate(args.checkpoint, args.data, args.out, features=args.features, ks=_ks(args.ks),
                      protocols=protocols, memory_mb=args.memory_mb, backend=args.backend,
-                     device=args.device, plot=not args.no_plot)
+                     device=args.device, plot=not args.no_plot, check_dataset=not args.any_dataset)
         if args.out and is_main():
             print("written: " + ", ".join(r["files"].values()))
     elif cmd == "recommend":
@@ -252,7 +265,8 @@ def run(args) -> int:
 
         recs = recommend(args.checkpoint, args.data, users=args.users, k=args.k,
                          exclude_consumed=not args.include_consumed, out=args.out,
-                         features=args.features, backend=args.backend, device=args.device)
+                         features=args.features, backend=args.backend, device=args.device,
+                         check_dataset=not args.any_dataset)
         if args.out is None:
             print(json.dumps({str(u): [i for i, _ in items] for u, items in recs.items()}))
         else:
@@ -262,7 +276,8 @@ def run(args) -> int:
 
         e = explain(args.checkpoint, args.data, args.user, args.out, k=args.k, images_dir=args.images,
                     features=args.features, exclude=args.exclude,
-                    planted=args.planted, backend=args.backend, device=args.device)
+                    planted=args.planted, backend=args.backend, device=args.device,
+                    check_dataset=not args.any_dataset)
         print(f"written: {e['png']} (hits in top-{args.k}: {len(e['hits'])})")
     elif cmd == "extract":
         from .extract import extract
@@ -292,10 +307,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
+    except USER_ERRORS as exc:
         if args.traceback:
             raise
-        print(f"acf-fast: error: {exc}", file=sys.stderr)
+        print(f"acf-fast: error: {describe_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.traceback:

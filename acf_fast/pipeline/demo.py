@@ -29,6 +29,7 @@ import torch
 from ..data.sampling import prepare
 from ..data.synth import SynthConfig, load_planted, synth
 from ..evaluation.evaluate import evaluate
+from ..utils.outputs import check_output_folder
 from .explain import explain
 from ..training.trainer import TrainConfig, Trainer
 
@@ -81,6 +82,7 @@ def planted_attention_ratio(model, groups, planted_cells: np.ndarray, max_profil
 def run_demo(config: DemoConfig | None = None, **kwargs) -> dict:
     cfg = config or DemoConfig(**kwargs)
     out = Path(cfg.out)
+    check_output_folder(out, "demo folder")      # a file there, or read-only: one line, at once
     t0 = time.perf_counter()
     timings = {}
 

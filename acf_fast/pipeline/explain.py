@@ -20,6 +20,7 @@ from ..data.prepared import PreparedDataset
 from ..evaluation.plots import pyplot
 from ..model.acf import load_model
 from ..model.features import feature_names
+from ..utils.outputs import atomic_write, check_output_file, write_text_atomic
 
 GRID = 7
 HIT, CONSUMED, OTHER = "#1a9850", "#7f7f7f", "#4575b4"
@@ -156,19 +157,27 @@ def draw_explanation(exp: dict, path, images_dir=None, names=None, planted=None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.subplots_adjust(wspace=0.35, hspace=0.6)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with atomic_write(path, "wb") as fh:     # whole or absent, also on a full disk
+            fig.savefig(fh, format=path.suffix[1:].lower() or "png", dpi=90, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 
 def explain(checkpoint, data_dir, user: int, out, k: int = 10, images_dir=None, features=None,
             exclude: str = "profile", planted=None, backend: str = "auto",
-            device: str = "cpu") -> dict:
-    """Write `out` (PNG) and `out` with .json (the numbers drawn); returns that dict."""
+            device: str = "cpu", check_dataset: bool = True) -> dict:
+    """Write `out` (PNG) and `out` with .json (the numbers drawn); returns that dict.
+
+    `out` is checked before any work; a checkpoint trained on another dataset is refused
+    unless check_dataset=False."""
+    check_output_file(out, "--out")
     data = PreparedDataset(data_dir)
     features = data.features(features)
     history = data.history()
-    model = load_model(checkpoint, features, backend, device, data.n_users, data.n_items)
+    model = load_model(checkpoint, features, backend, device, data.n_users, data.n_items,
+                       dataset=data, check_dataset=check_dataset)
     exp = user_explanation(model, history, int(user), k, exclude,
                            getattr(model, "max_profile_size", 9))
     names = None
@@ -176,11 +185,15 @@ def explain(checkpoint, data_dir, user: int, out, k: int = 10, images_dir=None, 
         if not Path(images_dir).is_dir():
             raise FileNotFoundError(f"image folder not found: {images_dir}")
         names = feature_names(features)
+        if len(names) < data.n_items:     # a truncated name list would fail mid-figure
+            raise ValueError(f"{features} lists {len(names)} image names for its {data.n_items} "
+                             "items: the file is truncated or damaged; extract the features again "
+                             "(acf-fast extract), or leave out --images")
     if planted is not None and not isinstance(planted, np.ndarray):
         from ..data.synth import load_planted
 
         planted = load_planted(planted)["planted_cells"]
     path = draw_explanation(exp, out, images_dir, names, planted)
     exp["png"] = str(path)
-    Path(path).with_suffix(".json").write_text(json.dumps(exp, indent=1))
+    write_text_atomic(Path(path).with_suffix(".json"), json.dumps(exp, indent=1))
     return exp

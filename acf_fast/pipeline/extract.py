@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..utils.outputs import check_output_file
 from ..utils.progress import bar as tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -89,6 +90,7 @@ def extract(images_dir, out_path, weights=None, random_weights: bool = False, ba
     """Write the `.h5` feature file for every image in `images_dir` (sorted by file name)."""
     import h5py
 
+    check_output_file(out_path, "output file")
     files = list_images(images_dir)
     net = build_backbone(weights, random_weights).to(device)
     out_path = Path(out_path)

@@ -17,6 +17,9 @@ import torch
 from ..data.history import UserHistory
 from ..data.prepared import PreparedDataset
 from ..model.acf import load_model
+from ..utils.outputs import atomic_write, check_output_file
+
+SUFFIXES = (".json", ".csv")
 
 
 def parse_users(spec) -> list[int] | None:
@@ -54,11 +57,18 @@ def top_k(model, history: UserHistory, users: np.ndarray, k: int, exclude_consum
 
 
 def recommend(checkpoint, data_dir, users=None, k: int = 10, exclude_consumed: bool = True,
-              out=None, features=None, backend: str = "auto", device: str = "cpu") -> dict:
-    """Recommendations {user_id: [(item_id, score), ...]}; written to `out` (.json or .csv) if given."""
+              out=None, features=None, backend: str = "auto", device: str = "cpu",
+              check_dataset: bool = True) -> dict:
+    """Recommendations {user_id: [(item_id, score), ...]}; written to `out` (.json or .csv) if given.
+
+    `out` is checked before any work; a checkpoint trained on another dataset is refused
+    unless check_dataset=False."""
+    if out is not None:
+        check_output_file(out, "output file", SUFFIXES)
     data = PreparedDataset(data_dir)
     history = data.history()
-    model = load_model(checkpoint, data.features(features), backend, device, data.n_users, data.n_items)
+    model = load_model(checkpoint, data.features(features), backend, device, data.n_users,
+                       data.n_items, dataset=data, check_dataset=check_dataset)
     wanted = parse_users(users)
     users_arr = (np.arange(history.n_users) if wanted is None else history.check_users(wanted))
     ids, scores = top_k(model, history, users_arr, k, exclude_consumed,
@@ -71,21 +81,21 @@ def recommend(checkpoint, data_dir, users=None, k: int = 10, exclude_consumed: b
 
 
 def write_recommendations(recs: dict, out, k: int, exclude_consumed: bool) -> Path:
-    out = Path(out)
+    """`out` as CSV or JSON (by its suffix), written whole or not at all."""
+    out = check_output_file(out, "output file", SUFFIXES)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
-        with open(out, "w", newline="") as fh:
+        with atomic_write(out, newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["user_id", "rank", "item_id", "score"])
             for u, items in recs.items():
                 for rank, (item, score) in enumerate(items):
                     w.writerow([u, rank, item, f"{score:.6f}"])
-    elif out.suffix.lower() == ".json":
-        out.write_text(json.dumps({
-            "k": k, "exclude_consumed": exclude_consumed, "item_ids": "0-based, as in the input files",
-            "recommendations": [{"user_id": u, "item_ids": [i for i, _ in items],
-                                 "scores": [s for _, s in items]} for u, items in recs.items()]},
-            indent=1))
     else:
-        raise ValueError(f"output file {out} must end in .json or .csv")
+        with atomic_write(out) as fh:
+            fh.write(json.dumps({
+                "k": k, "exclude_consumed": exclude_consumed, "item_ids": "0-based, as in the input files",
+                "recommendations": [{"user_id": u, "item_ids": [i for i, _ in items],
+                                     "scores": [s for _, s in items]} for u, items in recs.items()]},
+                indent=1))
     return out

@@ -5,9 +5,10 @@
 """
 
 from .config import BEST, HISTORY, LAST, TrainConfig
-from .run_folder import TrainingDiverged
+from .run_folder import CheckpointWriteError, TrainingDiverged
+from .run_lock import RunFolderInUse
 from .signals import TrainingInterrupted
 from .trainer import Trainer, train
 
-__all__ = ["BEST", "HISTORY", "LAST", "TrainConfig", "Trainer", "TrainingDiverged",
-           "TrainingInterrupted", "train"]
+__all__ = ["BEST", "HISTORY", "LAST", "CheckpointWriteError", "RunFolderInUse", "TrainConfig",
+           "Trainer", "TrainingDiverged", "TrainingInterrupted", "train"]

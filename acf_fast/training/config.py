@@ -42,6 +42,7 @@ class TrainConfig:
     overwrite: bool = False              # train(): replace a run already in out_dir instead of refusing
     cuda_graph: bool = False             # replay each full batch's step from a CUDA graph (triton
                                          # backend on one GPU; see acf_fast.training.cuda_graph)
+    check_dataset: bool = True           # resume: refuse a last.pt trained on another dataset
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "model_dim", "max_profile_size"):

@@ -15,7 +15,12 @@ Failure modes each end with one clear message and the files on disk intact:
 - SIGINT / SIGTERM: last.pt is written at the next step boundary, then
   `TrainingInterrupted` (acf_fast.training.signals).
 - `train()` refuses an output folder that already holds a run unless it resumes it
-  (`resume=True`) or `overwrite=True` replaces it (acf_fast.training.run_folder).
+  (`resume=True`) or `overwrite=True` replaces it (acf_fast.training.run_folder), and
+  one that another run is using, or that is not a writable folder, before reading any
+  data (acf_fast.training.run_lock); a disk without room for one checkpoint is refused
+  before the first step, a write that fails later stops with `CheckpointWriteError`.
+- Resuming on another dataset than the checkpoint's is refused unless
+  `check_dataset=False` (`--any-dataset`).
 
 Resuming re-decides whether the run is complete under the *current* config: it is
 complete when `epochs` epochs are done, or when early stopping applies (patience > 0
@@ -43,9 +48,11 @@ from ..data.formats import TripletSet
 from ..data.prepared import PreparedDataset
 from ..model.acf import ACF, check_feature_count
 from ..model.losses import get_loss
+from ..utils import env
 from ..utils.progress import bar as tqdm
 from .config import BEST, DTYPES, LAST, TrainConfig
 from .run_folder import RunFolder, TrainState, build_checkpoint, restore
+from .run_lock import claim_run_folder, run_lock
 from .sampler import EpochBatches
 from .signals import SignalWatch
 from .steps import GraphedStep, TrainStep, make_step, plain_step
@@ -59,8 +66,8 @@ class Trainer:
         config.validate()
         self.cfg = config
         self.out = Path(config.out_dir)
-        data = PreparedDataset(config.data_dir)
-        self.manifest = data.manifest
+        data = self.dataset = PreparedDataset(config.data_dir)
+        self.manifest, self.dataset_fingerprint = data.manifest, data.fingerprint
         self.features = data.features(config.features)      # default: the one `prepare` used
         self.n_users, self.n_items = data.n_users, data.n_items
         self.train_set: TripletSet = data.triplets("train", config.max_profile_size)
@@ -108,7 +115,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run folder
     def checkpoint(self) -> dict:
-        return build_checkpoint(self.model, self.optimizer, self.state, self.cfg)
+        return build_checkpoint(self.model, self.optimizer, self.state, self.cfg,
+                                self.dataset_fingerprint)
 
     def save(self, name: str) -> Path:
         """Checkpoint `name` written by rank 0; TrainingDiverged instead if the parameters are
@@ -121,10 +129,10 @@ class Trainer:
 
     def resume(self, path=None) -> bool:
         """Load last.pt (or `path`); returns False when there is nothing to resume."""
-        ckpt = self.folder.read_resumable(self.cfg, path)
+        ckpt = self.folder.read_resumable(self.cfg, path, self.dataset)
         if ckpt is None:
             return False
-        self.state = restore(ckpt, self.model, self.optimizer)
+        self.state = restore(ckpt, self.model, self.optimizer, path or self.out / LAST)
         self.train_step.reset()
         self.resumed = True
         return True
@@ -157,16 +165,18 @@ class Trainer:
 
     def fit(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        self.complete_reason = self.completion()
-        if self.complete_reason is not None:
-            # nothing to do: say so, and leave the checkpoints exactly as they are
-            self.state.finished = True
-            if self.cfg.progress and self.dist.is_main:
-                print(self.complete_reason, flush=True)
-            return self.summary()
-        self.state.finished = False
-        with self.signals.installed():
-            return self._fit()
+        with run_lock(self.out, enabled=self.dist.is_main):   # train() may hold it already
+            self.complete_reason = self.completion()
+            if self.complete_reason is not None:
+                # nothing to do: say so, and leave the checkpoints exactly as they are
+                self.state.finished = True
+                if self.cfg.progress and self.dist.is_main:
+                    print(self.complete_reason, flush=True)
+                return self.summary()
+            self.folder.check_space(self.model)
+            self.state.finished = False
+            with self.signals.installed():
+                return self._fit()
 
     def _fit(self) -> dict:
         cfg, st = self.cfg, self.state
@@ -275,13 +285,18 @@ def train(config: TrainConfig | None = None, resume: bool = False, **kwargs) -> 
     unless `config.overwrite`, which deletes that run's files first. With `resume` and no
     last.pt, training starts from scratch (the same check applies to leftover files).
     Raises TrainingDiverged (a ValueError) on NaN/inf, TrainingInterrupted (a SystemExit,
-    status 130/143) on SIGINT/SIGTERM after saving last.pt.
+    status 130/143) on SIGINT/SIGTERM after saving last.pt, RunFolderInUse when another run
+    holds the output folder, ValueError for an output path that is not a writable folder,
+    CheckpointWriteError (an OSError) when a checkpoint cannot be written.
     """
     cfg = config or TrainConfig(**kwargs)
-    trainer = Trainer(cfg)
-    if resume and trainer.resume():
+    cfg.validate()
+    # OUT checked and locked before any data is read; under torchrun rank 0 holds the lock
+    with claim_run_folder(cfg.out_dir, is_main=env.integer("RANK", 0) == 0):
+        trainer = Trainer(cfg)
+        if resume and trainer.resume():
+            return trainer.fit()
+        trainer.claim_output()
+        if resume and cfg.progress and distributed.is_main():
+            print(f"nothing to resume in {cfg.out_dir}; starting from scratch")
         return trainer.fit()
-    trainer.claim_output()
-    if resume and cfg.progress and distributed.is_main():
-        print(f"nothing to resume in {cfg.out_dir}; starting from scratch")
-    return trainer.fit()

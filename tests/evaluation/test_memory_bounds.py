@@ -102,3 +102,44 @@ def test_evaluation_memory_does_not_grow_with_the_number_of_users():
     # a [4000, 33000] float32 score matrix alone would be 503 MB
     assert added[4000] < 64 * 2**20, added
     assert added[4000] < added[100] + 4 * 2**20, added
+
+
+_RECOMMEND = r"""
+import gc, json, sys
+import torch
+import acf_fast.model.scoring as S
+from acf_fast import ACF
+
+def kb(field):
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith(field + ":"))
+
+n_users, n_items = int(sys.argv[1]), 200
+S.BLOCK_BYTES = 16 * 2**20        # the default budget (256 MiB), scaled down with the problem
+torch.manual_seed(0)
+model = ACF(n_users, n_items, features=torch.rand(n_items, 49, 32), model_dim=16,
+            backend="reference").eval()
+users, profiles = torch.arange(n_users), torch.randint(1, n_items + 1, (n_users, 9))
+gc.collect()
+open("/proc/self/clear_refs", "w").write("5")
+base = kb("VmRSS")
+scores = model.recommend_all(users, profiles)
+assert scores.shape == (n_users, n_items)
+print(json.dumps({"added": (kb("VmHWM") - base) * 1024}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux /proc")
+def test_recommend_all_on_the_reference_backend_is_blocked_over_users():
+    """The reference backend gathers [B, 9, 49, F] features for B users: 4,000 users at once
+    would take 226 MB for the gather alone (100k users of the demo's F = 64: 10.5 GiB).
+    Blocked over users, 10x more users add only their [B, N] result."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    added = {}
+    for n_users in (400, 4000):
+        out = subprocess.run([sys.executable, "-c", _RECOMMEND, str(n_users)],
+                             capture_output=True, text=True, timeout=600, env=env)
+        assert out.returncode == 0, out.stderr
+        added[n_users] = json.loads(out.stdout.strip().splitlines()[-1])["added"]
+    assert added[4000] < 64 * 2**20, added
+    assert added[4000] < added[400] + 4000 * 200 * 4 + 8 * 2**20, added

@@ -138,3 +138,58 @@ def test_recommend_all_refuses_a_diverged_model():
         m.item_model.weight[7, 2] = float("inf")
     with pytest.raises(ValueError, match="item embeddings are not finite"):
         m.recommend_batch(torch.tensor([0, 1]), b.profile_ids, k=3)
+
+
+# ---------------------------------------------------------------------------- Reliability II, item 7
+def test_recommend_batch_accepts_exclude_as_python_lists(model):
+    import numpy as np
+
+    b = random_batch(model, batch=3, lengths=[2, 1, 0])
+    as_tensor = torch.tensor([[1, 2], [3, 0], [0, 0]])
+    want = model.recommend_batch(b.user_ids, b.profile_ids, k=4, exclude=as_tensor)
+    for given in ([[1, 2], [3, 0], [0, 0]], [[1, 2], [3], []], ((1, 2), (3,), ()),
+                  np.array([[1, 2], [3, 0], [0, 0]])):
+        got = model.recommend_batch(b.user_ids, b.profile_ids, k=4, exclude=given)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), given
+    scores = model.recommend_batch(b.user_ids, b.profile_ids, exclude=[[1, 2], [3], []])
+    assert torch.equal(scores, model.recommend_batch(b.user_ids, b.profile_ids, exclude=as_tensor))
+    assert scores[0, :2].eq(float("-inf")).all() and scores[1, 2] == float("-inf")
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    ("1,2,3", TypeError, r"exclude must be item ids: a \[3, E\] tensor or array, or one list of ids per user"),
+    ([["a"], [], []], TypeError, "exclude must be item ids"),
+    ({0: [1]}, TypeError, "exclude must be item ids.*got dict"),
+    ([[1.5], [2.0], []], TypeError, "exclude must hold integer item ids, got torch.float32"),
+    ([1, 2, 3], ValueError, r"exclude must be \[3, E\] item ids, got shape \(3,\)"),
+    ([[1], [2]], ValueError, r"exclude must be \[3, E\] item ids, got shape \(2, 1\)"),
+    ([[11], [], []], ValueError, "exclude contains item id 11"),
+])
+def test_recommend_batch_refuses_bad_exclude_naming_it(model, bad, error, message):
+    b = random_batch(model, batch=3, lengths=[2, 1, 0])
+    with pytest.raises(error, match=message):
+        model.recommend_batch(b.user_ids, b.profile_ids, k=3, exclude=bad)
+
+
+def test_recommend_batch_in_blocks_of_users_matches_one_block(model, monkeypatch):
+    import acf_fast.model.scoring as scoring
+
+    b = random_batch(model, batch=5, lengths=[2, 1, 0, 3, 2])
+    excl = torch.tensor([[1, 0], [2, 3], [0, 0], [4, 0], [5, 6]])
+    cases = [dict(), dict(k=3), dict(k=3, exclude=excl), dict(exclude=excl),
+             dict(return_attentions=True), dict(k=2, exclude=excl, return_attentions=True)]
+    for kw in cases:
+        whole = model.recommend_batch(b.user_ids, b.profile_ids, **kw)
+        for block in (1, 2):
+            torch.testing.assert_close(model.recommend_batch(b.user_ids, b.profile_ids,
+                                                             block_users=block, **kw), whole)
+        with monkeypatch.context() as m:       # the default block size follows a memory budget
+            m.setattr(scoring, "BLOCK_BYTES", 1)
+            assert scoring.user_block_size(model, b.profile_ids.shape[1], 65536) == 1
+            torch.testing.assert_close(model.recommend_batch(b.user_ids, b.profile_ids, **kw), whole)
+    with monkeypatch.context() as m:           # recommend_all for several users goes through it
+        m.setattr(scoring, "BLOCK_BYTES", 1)
+        torch.testing.assert_close(model.recommend_all(b.user_ids, b.profile_ids),
+                                   model.recommend_batch(b.user_ids, b.profile_ids))
+    with pytest.raises(ValueError, match="block_users must be >= 1"):
+        model.recommend_batch(b.user_ids, b.profile_ids, block_users=-1)
