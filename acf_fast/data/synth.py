@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
 from ..utils.progress import bar as tqdm
 
 GRID = 7

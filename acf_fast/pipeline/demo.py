@@ -26,12 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.prepared import PreparedDataset
 from ..data.sampling import prepare
 from ..data.synth import SynthConfig, load_planted, synth
 from ..evaluation.evaluate import evaluate
+from ..model.acf import load_model
+from ..training import TrainConfig, Trainer
 from ..utils.outputs import check_output_folder
 from .explain import explain
-from ..training.trainer import TrainConfig, Trainer
 
 
 def demo_synth_config(**overrides) -> SynthConfig:
@@ -93,13 +95,16 @@ def run_demo(config: DemoConfig | None = None, **kwargs) -> dict:
 
     syn = synth(out / "data", demo_synth_config(seed=cfg.seed, **cfg.synth), progress=cfg.progress)
     lap("synth")
-    manifest = prepare(syn["interactions"], syn["features_h5"], out / "prepared", n_train=cfg.n_train,
-                       n_validation=cfg.n_validation, seed=cfg.seed, progress=cfg.progress)
+    # the demo's folders are its own: a second `make demo` replaces them instead of refusing
+    prepare(syn["interactions"], syn["features_h5"], out / "prepared", n_train=cfg.n_train,
+            n_validation=cfg.n_validation, seed=cfg.seed, progress=cfg.progress, overwrite=True)
     lap("prepare")
     trainer = Trainer(TrainConfig(data_dir=str(out / "prepared"), out_dir=str(out / "run"),
                                   epochs=cfg.epochs, model_dim=cfg.model_dim, lr=cfg.lr, loss=cfg.loss,
                                   backend=cfg.backend, device=cfg.device, seed=cfg.seed, patience=2,
-                                  select_by="auc", progress=cfg.progress, num_threads=cfg.threads))
+                                  select_by="auc", progress=cfg.progress, num_threads=cfg.threads,
+                                  overwrite=True))
+    trainer.claim_output()
     summary = trainer.fit()
     lap("train")
     best = out / "run" / "best.pt"
@@ -107,14 +112,11 @@ def run_demo(config: DemoConfig | None = None, **kwargs) -> dict:
                       progress=cfg.progress, print_table=False)
     lap("evaluate")
     figures = [report["files"].get("png"), report["files"].get("png_profile")]
-    from ..data.formats import read_evaluation
-    from ..data.history import UserHistory
-    from ..evaluation.evaluate import load_model
-
-    groups = read_evaluation(out / "prepared" / manifest["files"]["evaluation"])
+    prepared = PreparedDataset(out / "prepared")
+    groups = prepared.evaluation()
     model = load_model(best, syn["features_h5"], cfg.backend, cfg.device)
     ratio = planted_attention_ratio(model, groups, load_planted(syn["planted"])["planted_cells"])
-    history = UserHistory.load(out / "prepared" / manifest["files"]["history"])
+    history = prepared.history()
     # explain users with a full profile: the most informative pictures
     full = [int(u) for u in groups.user if len(history.train_of(int(u))) >= 9][:cfg.explain_users]
     for i, user in enumerate(full):

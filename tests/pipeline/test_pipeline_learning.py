@@ -47,16 +47,17 @@ import numpy as np
 import pytest
 import torch
 
-from acf_fast.pipeline.cli import main as cli_main
 from acf_fast.data.formats import read_evaluation
 from acf_fast.data.history import UserHistory
 from acf_fast.data.sampling import prepare
 from acf_fast.data.synth import load_planted, synth
-from acf_fast.evaluation.evaluate import evaluate, load_model
-from acf_fast.pipeline.explain import explain
+from acf_fast.evaluation.evaluate import evaluate
+from acf_fast.model.acf import load_model
+from acf_fast.pipeline.cli import main as cli_main
 from acf_fast.pipeline.demo import planted_attention_ratio
+from acf_fast.pipeline.explain import explain
 from acf_fast.pipeline.recommend import recommend
-from acf_fast.training.trainer import TrainConfig, Trainer
+from acf_fast.training import TrainConfig, Trainer
 
 SEEDS = (0, 1, 2)
 BACKENDS = ("reference", "cpu")

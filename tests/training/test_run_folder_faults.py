@@ -315,6 +315,7 @@ def test_resume_refuses_an_older_format_instead_of_resetting_the_best_score(prep
         train(config(prepared, out, epochs=2), resume=True)
     line = cli_error(capsys, cli_train(prepared, out, "--resume"))
     assert "lacks best, history" in line and "--overwrite" in line
+    assert (out / LAST).read_bytes() == before           # refused, not rewritten
     resave(out / LAST, train_state={**st, "ema": 0.5})
     with pytest.raises(ValueError, match="has ema, which this acf_fast does not know"):
         train(config(prepared, out, epochs=2), resume=True)
