@@ -120,3 +120,20 @@ def tiny_train_config(root, out, **overrides):
     base = dict(data_dir=str(root / "prep"), out_dir=str(out), epochs=2, model_dim=16, lr=1e-2,
                 patience=0, progress=False, backend="reference", val_rank_samples=32)
     return TrainConfig(**{**base, **overrides})
+
+
+def resave(src, dst=None, **changes):
+    """A copy of checkpoint `src` at `dst` (default: over `src`) with keys changed (None:
+    removed) and its checksum redone: how the fault tests make older or damaged files."""
+    from acf_fast.model.checkpoint import CHECKSUM_KEY, checksum, read_checkpoint
+
+    ckpt = read_checkpoint(src)
+    for key, value in changes.items():
+        if value is None:
+            ckpt.pop(key, None)
+        else:
+            ckpt[key] = value
+    ckpt[CHECKSUM_KEY] = checksum(ckpt)
+    dst = src if dst is None else dst
+    torch.save(ckpt, dst)
+    return dst

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..utils.atomic_folder import fsync_dir
 from ..utils.devices import check_device
 from ..utils.safe_pickle import Refused, check_numeric, refusal_message, torch_safe_globals
 
@@ -138,22 +139,8 @@ def save_checkpoint(ckpt: dict, path) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist a rename (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def build_from_checkpoint(cls, checkpoint, *, device=None, force_h5=False, feature_path=None,

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..utils import env
-from .checkpoint import _fsync_dir as fsync_dir
+from ..utils.atomic_folder import fsync_dir
 
 VERSION = 3
 MAGIC = b"ACFCACHE"

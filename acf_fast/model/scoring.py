@@ -127,7 +127,9 @@ def user_block_size(model, profile_width: int, block_items: int, k: int | None =
     table = model.feature_table
     param = model.item_model.weight
     m, f, d = table.shape[1], table.shape[-1], model.model_dim
-    per_user = (max(profile_width, 1) * m * (f * param.element_size() + 4 * d * param.element_size())
+    # the fused backends reduce each distinct item once and never hold the gathered features
+    gathered = f * param.element_size() if model.resolved_backend() == "reference" else 0
+    per_user = (max(profile_width, 1) * m * (gathered + 4 * d * param.element_size())
                 + (min(model.all_items.numel(), block_items) + (k or 0)) * 4 * 3)
     return max(1, (BLOCK_BYTES if budget is None else budget) // per_user)
 

@@ -56,7 +56,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Persist a rename or a new file's directory entry (POSIX); best effort where folders
+    cannot be opened (Windows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -77,7 +79,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(folder))
+        fsync_dir(Path(folder))
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -177,6 +179,6 @@ def atomic_folder(target, overwrite: bool = False, replaceable: Callable[[Path],
                 raise
             _fault("swapped")
             shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

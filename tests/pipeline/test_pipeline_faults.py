@@ -10,20 +10,20 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
 
 import acf_fast.pipeline.recommend as recommend_module
 from acf_fast.data.prepared import PreparedDataset
 from acf_fast.data.sampling import prepare
 from acf_fast.data.synth import synth
 from acf_fast.evaluation.evaluate import evaluate
-from acf_fast.model.checkpoint import CHECKSUM_KEY, checksum, read_checkpoint
+from acf_fast.model.checkpoint import read_checkpoint
 from acf_fast.pipeline.cli import main as cli_main
 from acf_fast.pipeline.explain import explain
 from acf_fast.pipeline.recommend import recommend
 from acf_fast.training import TrainConfig, train
 from acf_fast.utils.outputs import atomic_write
 
+from conftest import resave
 from disks import fill, make_read_only, needs_root, tmpfs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,19 +52,6 @@ def cli_error(capsys, argv) -> str:
     assert len(lines) == 1 and lines[0].startswith("acf-fast: error: "), err[-3000:]
     assert "Traceback" not in err
     return lines[0]
-
-
-def resave(src, dst, **changes):
-    """A copy of checkpoint `src` at `dst` with keys changed (None: removed), checksum redone."""
-    ckpt = read_checkpoint(src)
-    for key, value in changes.items():
-        if value is None:
-            ckpt.pop(key, None)
-        else:
-            ckpt[key] = value
-    ckpt[CHECKSUM_KEY] = checksum(ckpt)
-    torch.save(ckpt, dst)
-    return dst
 
 
 def command(name, ckpt, data, tmp_path):

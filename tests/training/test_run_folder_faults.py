@@ -13,18 +13,17 @@ import sys
 import time
 
 import pytest
-import torch
 
 from acf_fast.data.prepared import PreparedDataset
 from acf_fast.data.sampling import prepare
-from acf_fast.model.checkpoint import checksum, read_checkpoint, CHECKSUM_KEY
+from acf_fast.model.checkpoint import read_checkpoint
 from acf_fast.pipeline.cli import main as cli_main
 from acf_fast.training import (BEST, HISTORY, LAST, CheckpointWriteError, RunFolderInUse, Trainer,
                                train)
 from acf_fast.training import trainer as trainer_module
 from acf_fast.training.run_lock import LOCK_NAME
 
-from conftest import tiny_prepared_dataset, tiny_train_config
+from conftest import resave, tiny_prepared_dataset, tiny_train_config
 from disks import fill, make_read_only, needs_root, tmpfs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,18 +45,6 @@ def prepared(tmp_path_factory):
 def leftovers(folder):
     """Temporary or lock files left in a folder."""
     return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name or p.name == LOCK_NAME)
-
-
-def resave(path, **changes):
-    """Rewrite a checkpoint with some keys changed (None: removed), checksum recomputed."""
-    ckpt = read_checkpoint(path)
-    for key, value in changes.items():
-        if value is None:
-            ckpt.pop(key, None)
-        else:
-            ckpt[key] = value
-    ckpt[CHECKSUM_KEY] = checksum(ckpt)
-    torch.save(ckpt, path)
 
 
 def cli_error(capsys, argv) -> str:
