@@ -136,7 +136,8 @@ def _enumerate_user(rng, split: Split, u: int, want: int, n_free: int,
     return pos, neg
 
 
-def sample_triplets(split: Split, per_user: int, seed: int = 0, progress: bool = True):
+def sample_triplets(split: Split, per_user: int, seed: int = 0, progress: bool = True,
+                    quota: str = ""):
     """Draw `per_user` distinct (user, pi, ni) per user (fewer if the user has fewer).
 
     A user has n_train x n_free distinct triplets (n_train training items as pi, n_free items never
@@ -149,6 +150,8 @@ def sample_triplets(split: Split, per_user: int, seed: int = 0, progress: bool =
     pairs. Both use one `numpy.random.default_rng(seed)` in a fixed order, so the result is
     reproducible.
 
+    `quota` says what `per_user` is made of in the warning about short users (prepare: its
+    training + validation counts).
     Returns (user, pi_pos, ni) in draw order grouped by user, where pi_pos indexes
     split.train_items (so the profile window is known without searching).
     """
@@ -161,8 +164,9 @@ def sample_triplets(split: Split, per_user: int, seed: int = 0, progress: bool =
     short = np.flatnonzero(want < per_user)
     if short.size and np.any(n_train[short] > 0):
         u = int(short[n_train[short] > 0][0])
+        what = f"the per-user quota: {quota}" if quota else "the per-user quota"
         print(f"acf_fast prepare: {short.size} user(s) allow fewer than {per_user} distinct "
-              f"triplets (e.g. user {u}: at most {capacity[u]}); they get what exists",
+              f"triplets ({what}; e.g. user {u}: at most {capacity[u]}); they get what exists",
               file=sys.stderr)
     direct = (want > 0) & ((2 * want > capacity) | (4 * n_free < split.n_items))
     want_rejection = np.where(direct, 0, want)
@@ -258,7 +262,12 @@ def feature_item_count(features_path) -> int:
     return int(load_feature_table(features_path).shape[0]) - 1
 
 
-def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_validation: int = 500_000,
+def validation_count(n_train: int) -> int:
+    """The default validation count: the tutorial's ratio (10M training : 500k validation)."""
+    return math.ceil(n_train / 20)
+
+
+def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_validation: int | None = None,
             seed: int = 0, holdout_baskets: int = HOLDOUT_BASKETS, progress: bool = True,
             overwrite: bool = False) -> dict:
     """Run the tutorial protocol; write the three CSVs, history.npz and dataset.json into out_dir.
@@ -273,7 +282,8 @@ def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_valida
     to the feature cache; interactions naming an item id >= N are refused.
 
     Triplet counts (docs/sampling.md#triplet-quotas): every user gets ceil(n_train / n_users)
-    training and ceil(n_validation / n_users) validation triplets, so the totals are those
+    training and ceil(n_validation / n_users) validation triplets (n_validation default:
+    ceil(n_train / 20), the tutorial's 10M : 500k; 0: no validation set), so the totals are those
     per-user counts times the number of users and can exceed n_train / n_validation (n_train=2000
     over 30 users gives 67 each, 2,010 in all). A user with fewer distinct (pi, ni) pairs than
     both counts together gets every pair once, training first, so the totals can also be
@@ -283,6 +293,8 @@ def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_valida
     Returns the manifest (also saved as dataset.json).
     """
     out = Path(out_dir)
+    if n_validation is None and isinstance(n_train, (int, np.integer)) and not isinstance(n_train, bool):
+        n_validation = validation_count(int(n_train))
     for name, value, low in (("n_train", n_train, 1), ("n_validation", n_validation, 0),
                              ("holdout_baskets", holdout_baskets, 1), ("seed", seed, 0)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
@@ -307,7 +319,8 @@ def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_valida
     n_users = split.n_users
     per_train = math.ceil(n_train / n_users)
     per_val = math.ceil(n_validation / n_users) if n_validation else 0
-    user, pos, neg = sample_triplets(split, per_train + per_val, seed, progress)
+    user, pos, neg = sample_triplets(split, per_train + per_val, seed, progress,
+                                     quota=f"{per_train} training + {per_val} validation triplets")
 
     # first per_train draws of each user train, the rest validate (no key in both)
     first_of_user = np.searchsorted(user, user, side="left")

@@ -59,10 +59,34 @@ def _number(*, positive: bool):
 
 _positive_float = _number(positive=True)
 _non_negative_float = _number(positive=False)
+_BACKENDS = ["auto", "reference", "cpu", "triton"]
+_BACKEND_HELP = ("ACF kernels: auto picks triton on CUDA and the native cpu extension on the CPU "
+                 "(reference, plain PyTorch, where those are unavailable)")
+_THREADS_HELP = "torch CPU threads (default: torch's choice; the demo uses 1)"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" only where it says something: not for a None default, a
+    required option, a flag (store_true), or a help text that already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is None or action.default is argparse.SUPPRESS or action.required
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+                or "default" in text.lower()):
+            return text
+        return super()._get_help_string(action)
+
+
+def _add_threads(p, default=argparse.SUPPRESS):
+    """--threads on the main parser (default None) and on every subcommand: a subcommand's
+    copy does not set the attribute unless given (SUPPRESS), so it never overrides one given
+    before the subcommand."""
+    p.add_argument("--threads", type=_count(1), default=default, help=_THREADS_HELP)
 
 
 def _add_runtime(p):
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton"])
+    p.add_argument("--backend", default="auto", choices=_BACKENDS, help=_BACKEND_HELP)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--features", default=None, help="feature file (default: the one `prepare` used)")
     p.add_argument("--any-dataset", action="store_true",
@@ -71,16 +95,15 @@ def _add_runtime(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     ap = argparse.ArgumentParser(prog="acf-fast", description="Attentive Collaborative Filtering pipeline",
                                  formatter_class=fmt)
     ap.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
-    ap.add_argument("--threads", type=_count(1), default=None,
-                    help="torch CPU threads (default: torch's choice; the demo uses 1)")
+    _add_threads(ap, default=None)
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", formatter_class=fmt, help="write a synthetic Wikimedia-shaped dataset")
-    p.add_argument("out")
+    p.add_argument("out", help="folder for interactions.csv, the feature files and images")
     d = SynthConfig()
     p.add_argument("--users", type=_count(1), default=d.n_users, help="number of users")
     p.add_argument("--items", type=_count(1), default=d.n_items, help="number of items")
@@ -95,20 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-rate", type=float, default=d.noise_rate,
                    help="share of interactions that ignore the user's concepts, in [0, 1]")
     p.add_argument("--no-images", action="store_true", help="skip writing item images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the data")
 
     p = sub.add_parser("prepare", formatter_class=fmt, help="the tutorial's sampling: triplets + evaluation file")
-    p.add_argument("interactions")
-    p.add_argument("features")
-    p.add_argument("out")
+    p.add_argument("interactions", help="interactions CSV (the tutorial's format)")
+    p.add_argument("features", help="item feature file (.npy or .h5) fixing the catalogue")
+    p.add_argument("out", help="folder for the triplet CSVs, history.npz and dataset.json")
     p.add_argument("--n-train", type=_count(1), default=10_000_000,
                    help="training triplets; split evenly over users, ceil(n / users) each, so "
                         "the total can exceed n slightly")
-    p.add_argument("--n-validation", type=_count(1), default=500_000,
-                   help="validation triplets, split like --n-train")
+    p.add_argument("--n-validation", type=_count(1), default=None,
+                   help="validation triplets, split like --n-train (default: ceil(N_TRAIN / 20), "
+                        "the tutorial's 10M : 500k ratio)")
     p.add_argument("--holdout-baskets", type=_count(1), default=10,
                    help="most recent baskets per user held out for evaluation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the triplet sampling")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it already holds a prepared dataset (runs trained from "
                         "the old one will refuse the new one)")
@@ -116,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", formatter_class=fmt, help="train ACF on prepared triplets")
     p.add_argument("data", help="folder written by `prepare`")
     p.add_argument("out", help="folder for checkpoints (best.pt, last.pt) and history.json")
-    p.add_argument("--epochs", type=_count(1), default=10, help="total epochs (also with --resume)")
+    p.add_argument("--epochs", type=_count(1), default=None,
+                   help="total epochs (default: 10; with --resume, the resumed run's own target; "
+                        "a larger value trains on)")
     p.add_argument("--batch-size", type=_count(1), default=128, help="triplets per step")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--weight-decay", type=_non_negative_float, default=1e-5, help="Adam weight decay")
@@ -142,16 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each step from a CUDA graph (triton backend, one GPU): "
                         "removes the per-step launch overhead")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last.pt, up to its own epochs target unless --epochs is given")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in OUT (default: refuse to touch it)")
     _add_runtime(p)
 
     p = sub.add_parser("evaluate", formatter_class=fmt, help="full-catalogue ranking metrics (tutorial + standard)")
-    p.add_argument("checkpoint")
-    p.add_argument("data")
+    p.add_argument("checkpoint", help="a checkpoint written by `train` (best.pt, last.pt)")
+    p.add_argument("data", help="folder written by `prepare`")
     p.add_argument("--out", default=None, help="folder for metrics.json/.csv and the PNGs")
-    p.add_argument("--protocol", default="both", choices=["both", "tutorial", "standard"])
+    p.add_argument("--protocol", default="both", choices=["both", "tutorial", "standard"],
+                   help="the tutorial's metrics, the standard ones, or both")
     p.add_argument("--ks", default="20,100,200", help="cutoffs for recall/precision/nDCG@k")
     p.add_argument("--memory-mb", type=_positive_float, default=256,
                    help="memory budget for one block of score rows")
@@ -159,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
 
     p = sub.add_parser("recommend", formatter_class=fmt, help="top-k items for users")
-    p.add_argument("checkpoint")
-    p.add_argument("data")
+    p.add_argument("checkpoint", help="a checkpoint written by `train` (best.pt, last.pt)")
+    p.add_argument("data", help="folder written by `prepare`")
     p.add_argument("--users", default="all", help="comma-separated user ids, or 'all'")
     p.add_argument("-k", type=_count(1), default=10, help="recommendations per user")
     p.add_argument("--include-consumed", action="store_true",
@@ -169,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
 
     p = sub.add_parser("explain", formatter_class=fmt, help="PNG of a user's attentions and recommendations")
-    p.add_argument("checkpoint")
-    p.add_argument("data")
+    p.add_argument("checkpoint", help="a checkpoint written by `train` (best.pt, last.pt)")
+    p.add_argument("data", help="folder written by `prepare`")
     p.add_argument("--user", type=int, required=True, help="user id (0-based, as in the files)")
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("-k", type=_count(1), default=10, help="recommendations shown")
@@ -181,20 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
 
     p = sub.add_parser("extract", formatter_class=fmt, help="ResNet50 layer4 features of an image folder (.h5)")
-    p.add_argument("images")
-    p.add_argument("out")
+    p.add_argument("images", help="folder of item images")
+    p.add_argument("out", help="feature file to write (.h5)")
     p.add_argument("--weights", default=None, help="local ResNet50 state dict (.pth)")
     p.add_argument("--random-weights", action="store_true", help="untrained network (testing)")
     p.add_argument("--batch-size", type=_count(1), default=16, help="images per forward pass")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
     p = sub.add_parser("demo", formatter_class=fmt, help="synth, prepare, train, evaluate, explain in a few minutes")
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--epochs", type=_count(1), default=5)
-    p.add_argument("--n-train", type=_count(1), default=40_000)
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
+    p.add_argument("--epochs", type=_count(1), default=5, help="training epochs")
+    p.add_argument("--n-train", type=_count(1), default=40_000, help="training triplets")
+    p.add_argument("--backend", default="auto", choices=_BACKENDS, help=_BACKEND_HELP)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, sampling and training")
+    for p in sub.choices.values():   # --threads after the subcommand too
+        _add_threads(p)
     return ap
 
 

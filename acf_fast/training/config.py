@@ -13,6 +13,7 @@ from ..utils.devices import check_device
 LAST, BEST, HISTORY = "last.pt", "best.pt", "history.json"
 RUN_FILES = (BEST, LAST, HISTORY)        # what a training run leaves in its output folder
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_EPOCHS = 10                      # a fresh run's target when epochs is None
 
 
 @dataclass
@@ -20,7 +21,8 @@ class TrainConfig:
     data_dir: str
     out_dir: str
     features: str | None = None          # default: the one `prepare` used
-    epochs: int = 10
+    epochs: int | None = DEFAULT_EPOCHS  # None: a resumed run's own target (the one in its
+                                         # last.pt), a fresh run's DEFAULT_EPOCHS
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-5
@@ -46,6 +48,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "model_dim", "max_profile_size"):
+            if name == "epochs" and self.epochs is None:
+                continue
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr > 0):

@@ -26,7 +26,8 @@ Resuming re-decides whether the run is complete under the *current* config: it i
 complete when `epochs` epochs are done, or when early stopping applies (patience > 0
 and the epochs without improvement so far >= patience). So a finished run resumed with
 a larger `epochs` trains on to the new total, exactly as an uninterrupted run with that
-total would have (the state after epoch e does not depend on `epochs`). An
+total would have (the state after epoch e does not depend on `epochs`); with
+`epochs=None` (the CLI without --epochs) it keeps the target recorded in last.pt. An
 early-stopped run is NOT revived by a larger `epochs` alone: early stopping means "the
 criterion stopped improving", which more epochs do not change; resume it with a larger
 `patience` (or 0 = off) to continue, and the count of epochs without improvement
@@ -37,6 +38,7 @@ why there is nothing to do.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -50,7 +52,7 @@ from ..model.acf import ACF, check_feature_count
 from ..model.losses import get_loss
 from ..utils import env
 from ..utils.progress import bar as tqdm
-from .config import BEST, DTYPES, LAST, TrainConfig
+from .config import BEST, DEFAULT_EPOCHS, DTYPES, LAST, TrainConfig
 from .run_folder import RunFolder, TrainState, build_checkpoint, restore
 from .run_lock import claim_run_folder, run_lock
 from .sampler import EpochBatches
@@ -101,6 +103,7 @@ class Trainer:
         self.state = TrainState()
         self.step_losses: list[float] = []             # every batch loss this process computed
         self.resumed = False                           # state loaded from a checkpoint
+        self.resumed_from: Path | None = None          # ... and from which file
         self.complete_reason: str | None = None        # why the last fit() had nothing to do
 
     @property
@@ -135,7 +138,19 @@ class Trainer:
         self.state = restore(ckpt, self.model, self.optimizer, path or self.out / LAST)
         self.train_step.reset()
         self.resumed = True
+        self.resumed_from = Path(path) if path else self.out / LAST
+        if self.cfg.epochs is None:      # no target asked for: the run's own one
+            target = ckpt.get("train_config", {}).get("epochs") or DEFAULT_EPOCHS
+            self.cfg = dataclasses.replace(self.cfg, epochs=int(target))
         return True
+
+    def resume_line(self) -> str:
+        """One line: the point a resumed run continues from, and up to where it trains."""
+        st = self.state
+        where = (f"epoch {st.epoch + 1}, step {st.step} of {self.steps_per_epoch()}" if st.step
+                 else f"the start of epoch {st.epoch + 1}")
+        return (f"resuming {self.resumed_from} at {where} (global step {st.global_step}); "
+                f"training up to epoch {self.cfg.epochs}")
 
     # ------------------------------------------------------------------ training
     def steps_per_epoch(self) -> int:
@@ -164,6 +179,8 @@ class Trainer:
         return f"the run in {self.out} is already complete: {why}; {more} to train further"
 
     def fit(self) -> dict:
+        if self.cfg.epochs is None:      # a fresh run without a target: the default
+            self.cfg = dataclasses.replace(self.cfg, epochs=DEFAULT_EPOCHS)
         self.out.mkdir(parents=True, exist_ok=True)
         with run_lock(self.out, enabled=self.dist.is_main):   # train() may hold it already
             self.complete_reason = self.completion()
@@ -175,6 +192,8 @@ class Trainer:
                 return self.summary()
             self.folder.check_space(self.model)
             self.state.finished = False
+            if self.resumed and self.cfg.progress and self.dist.is_main:
+                print(self.resume_line(), flush=True)
             with self.signals.installed():
                 return self._fit()
 
@@ -267,7 +286,8 @@ class Trainer:
         if cfg.progress and self.dist.is_main:
             parts = [f"{k}={v:.5f}" for k, v in record.items() if k != "epoch"]
             flag = " (best)" if improved else ""
-            stop = f"; early stop after {st.bad_epochs} epochs without improvement" if st.finished else ""
+            stop = (f"; early stop after {st.bad_epochs} epochs without improvement"
+                    if st.finished and st.epoch < cfg.epochs else "")   # not at the last epoch
             print(f"epoch {record['epoch']}: " + " ".join(parts) + flag + stop, flush=True)
 
     def summary(self) -> dict:
