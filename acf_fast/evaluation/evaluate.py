@@ -26,8 +26,8 @@ from ..model.acf import ACF, load_model
 from ..model.scoring import catalogue_columns, rank_targets
 from ..utils.outputs import check_output_folder
 from ..utils.progress import bar as tqdm
-from .metrics import (IDEAL_HITS, IDEAL_MIN_N_K, KS, REPORTED, format_table, mean_metrics,
-                      metric_names, ranking_metrics)
+from .metrics import (IDEAL_HITS, IDEAL_MIN_N_K, KS, PROTOCOLS_NOTE, REPORTED, format_table,
+                      mean_metrics, metric_names, ranking_metrics)
 from .report import write_report
 
 PROTOCOLS = {"tutorial": IDEAL_HITS, "standard": IDEAL_MIN_N_K}
@@ -174,10 +174,12 @@ def evaluate(checkpoint, data_dir, out_dir=None, features=None, ks=KS,
     report["table"] = format_table({f"ACF ({p})": summary[p] for p in protocols}, names)
     if extra:
         report["table_extra"] = format_table({f"ACF ({p})": summary[p] for p in protocols}, extra)
+    report["protocols_note"] = PROTOCOLS_NOTE
     if print_table and distributed.is_main():
         print(report["table"])
         if extra:
             print(report["table_extra"])
+        print(PROTOCOLS_NOTE)
     if out_dir is not None and distributed.is_main():
         write_report(report, Path(out_dir), plot)
     distributed.barrier()        # the report exists before any rank returns

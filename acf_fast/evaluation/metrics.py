@@ -93,6 +93,13 @@ def mean_metrics(per_group: dict[str, np.ndarray]) -> dict[str, float]:
     return {k: float(np.mean(v)) if len(v) else float("nan") for k, v in per_group.items()}
 
 
+PROTOCOLS_NOTE = ("protocols: the held-out baskets of naive-user-evaluation.csv ranked against the "
+                  "catalogue; tutorial: the profile items shown to the model are excluded (ranked "
+                  "above); standard: every training item is excluded. The training log's val_auc "
+                  "(val_auc_triplets) is a different quantity: validation triplets, one positive "
+                  "ranked against the whole catalogue, profile excluded.")
+
+
 def format_table(rows: dict[str, dict[str, float]], names=REPORTED) -> str:
     """The tutorial README's table: a header of metric names, one line of 5-decimal values per row."""
     label_w = max([len(r) for r in rows] + [8])

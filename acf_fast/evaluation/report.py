@@ -22,7 +22,8 @@ def write_report(report: dict, out: Path, plot: bool = True) -> dict:
         w.writerow(["protocol"] + names)
         for p, values in report["metrics"].items():
             w.writerow([p] + [f"{values[n]:.6f}" for n in names])
-    write_text_atomic(out / "metrics.txt", report["table"] + "\n" + report.get("table_extra", "") + "\n")
+    write_text_atomic(out / "metrics.txt", report["table"] + "\n" + report.get("table_extra", "") + "\n"
+                       + report.get("protocols_note", "") + "\n")
     paths = {"json": str(out / "metrics.json"), "csv": str(out / "metrics.csv")}
     if plot and report["by_history_size"]:
         from .plots import MissingPlotting, plot_metrics_by_size

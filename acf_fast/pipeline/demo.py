@@ -135,6 +135,7 @@ def run_demo(config: DemoConfig | None = None, **kwargs) -> dict:
     print("\nACF on the synthetic dataset (best checkpoint, "
           f"epoch {summary['best_epoch']}, backend {summary['backend']}):")
     print(report["table"])
+    print(report["protocols_note"])
     print(f"\ncomponent attention on the planted cells: {ratio:.2f}x the uniform share (1/49 per cell)")
     print(f"metrics: {report['files']['json']}, {report['files']['csv']}")
     print("figures:\n  " + "\n  ".join(result["figures"]))

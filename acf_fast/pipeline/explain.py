@@ -29,7 +29,8 @@ HIT, CONSUMED, OTHER = "#1a9850", "#7f7f7f", "#4575b4"
 @torch.no_grad()
 def user_explanation(model, history: UserHistory, user: int, k: int = 10,
                      exclude: str = "profile", max_profile_size: int = 9) -> dict:
-    """alpha, beta and top-k for one user (item ids 1-based).
+    """alpha, beta and top-k for one user (item ids 1-based, the model's; `explain` writes
+    and returns them 0-based, as in the input files).
 
     exclude: "profile" (the items shown, as the tutorial protocol does), "train" (every
     training item) or "none"; older consumed items that remain are marked in the figure.
@@ -59,6 +60,16 @@ def user_explanation(model, history: UserHistory, user: int, k: int = 10,
         "hits": [int(i) for i in items[0].tolist() if i in set(held)],
         "consumed_in_top_k": [int(i) for i in items[0].tolist() if i in train],
     }
+
+
+ITEM_KEYS = ("profile", "top_k", "held_out", "hits", "consumed_in_top_k")
+
+
+def zero_based(exp: dict) -> dict:
+    """`exp` with every item id 0-based (as in the input files and recommend's output)."""
+    out = {k: ([int(i) - 1 for i in v] if k in ITEM_KEYS else v) for k, v in exp.items()}
+    out["item_ids"] = "0-based, as in the input files"
+    return out
 
 
 def _load_image(images_dir: Path | None, names, item: int):
@@ -168,7 +179,8 @@ def draw_explanation(exp: dict, path, images_dir=None, names=None, planted=None)
 def explain(checkpoint, data_dir, user: int, out, k: int = 10, images_dir=None, features=None,
             exclude: str = "profile", planted=None, backend: str = "auto",
             device: str = "cpu", check_dataset: bool = True) -> dict:
-    """Write `out` (PNG) and `out` with .json (the numbers drawn); returns that dict.
+    """Write `out` (PNG) and `out` with .json (the numbers drawn); returns that dict. Item
+    ids there and in the figure are 0-based, as in the input files and `recommend`'s output.
 
     `out` is checked before any work; a checkpoint trained on another dataset is refused
     unless check_dataset=False."""
@@ -193,7 +205,8 @@ def explain(checkpoint, data_dir, user: int, out, k: int = 10, images_dir=None, 
         from ..data.synth import load_planted
 
         planted = load_planted(planted)["planted_cells"]
-    path = draw_explanation(exp, out, images_dir, names, planted)
+    path = draw_explanation(exp, out, images_dir, names, planted)   # labels 0-based ids itself
+    exp = zero_based(exp)
     exp["png"] = str(path)
     write_text_atomic(Path(path).with_suffix(".json"), json.dumps(exp, indent=1))
     return exp

@@ -81,7 +81,11 @@ def recommend(checkpoint, data_dir, users=None, k: int = 10, exclude_consumed: b
 
 
 def write_recommendations(recs: dict, out, k: int, exclude_consumed: bool) -> Path:
-    """`out` as CSV or JSON (by its suffix), written whole or not at all."""
+    """`out` as CSV or JSON (by its suffix), written whole or not at all.
+
+    CSV: user_id, rank, item_id, score, one row per recommendation; rank counts from 1 (rank 1
+    = the best item). JSON: each user's item_ids best first. Item ids are 0-based, as in the
+    input files."""
     out = check_output_file(out, "output file", SUFFIXES)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
@@ -89,7 +93,7 @@ def write_recommendations(recs: dict, out, k: int, exclude_consumed: bool) -> Pa
             w = csv.writer(fh)
             w.writerow(["user_id", "rank", "item_id", "score"])
             for u, items in recs.items():
-                for rank, (item, score) in enumerate(items):
+                for rank, (item, score) in enumerate(items, start=1):   # 1 = the best
                     w.writerow([u, rank, item, f"{score:.6f}"])
     else:
         with atomic_write(out) as fh:

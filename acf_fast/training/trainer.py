@@ -58,7 +58,7 @@ from .run_lock import claim_run_folder, run_lock
 from .sampler import EpochBatches
 from .signals import SignalWatch
 from .steps import GraphedStep, TrainStep, make_step, plain_step
-from .validation import validate
+from .validation import LEGEND, LOG_NAMES, validate
 
 
 class Trainer:
@@ -67,7 +67,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         config.validate()
         self.cfg = config
-        self.out = Path(config.out_dir)
+        self.out, self.legend_shown = Path(config.out_dir), False
         data = self.dataset = PreparedDataset(config.data_dir)
         self.manifest, self.dataset_fingerprint = data.manifest, data.fingerprint
         self.features = data.features(config.features)      # default: the one `prepare` used
@@ -284,7 +284,10 @@ class Trainer:
         self.save(LAST)
         self.folder.write_history(st.history)   # rank 0 writes and prints for all
         if cfg.progress and self.dist.is_main:
-            parts = [f"{k}={v:.5f}" for k, v in record.items() if k != "epoch"]
+            if not self.legend_shown and "val_auc" in record:    # once: what val_auc measures
+                print(LEGEND, flush=True)
+                self.legend_shown = True
+            parts = [f"{LOG_NAMES.get(k, k)}={v:.5f}" for k, v in record.items() if k != "epoch"]
             flag = " (best)" if improved else ""
             stop = (f"; early stop after {st.bad_epochs} epochs without improvement"
                     if st.finished and st.epoch < cfg.epochs else "")   # not at the last epoch

@@ -18,6 +18,13 @@ from ..model.scoring import rank_targets, score_catalogue
 from .sampler import batch_tensors
 
 RANK_BLOCK = 256           # validation triplets ranked against the catalogue at once
+# the progress line's names for the ranking numbers (history.json keeps val_auc / val_rr),
+# and the legend printed once before the first epoch line that has them
+LOG_NAMES = {"val_auc": "val_auc_triplets", "val_rr": "val_rr_triplets"}
+LEGEND = ("val_auc_triplets / val_rr_triplets (val_auc / val_rr in history.json): validation "
+          "triplets (a fixed subset of --val-rank-samples), the positive item ranked against the "
+          "whole catalogue, the user's profile excluded; not the held-out-basket AUC that "
+          "`acf-fast evaluate` reports")
 
 
 @torch.no_grad()

@@ -143,3 +143,69 @@ def test_early_stop_notice_only_when_epochs_were_left(prepared, tmp_path, capsys
     assert t.state.epoch == 2 and t.state.finished
     out = capsys.readouterr().out
     assert ("early stop after 1 epochs without improvement" in out) == says_early_stop
+
+
+# ---------------------------------------------------------------------------- 5: ids, ranks, val_auc
+@pytest.fixture(scope="module")
+def trained_run(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_ids") / "run"
+    assert cli_main(_train_args(prepared, out, "--epochs", "1")) == 0
+    return prepared, out
+
+
+def test_explain_writes_0_based_item_ids_like_recommend(trained_run, tmp_path):
+    from acf_fast.data.history import UserHistory
+    from acf_fast.pipeline.explain import explain
+    from acf_fast.pipeline.recommend import recommend
+
+    root, run = trained_run
+    hist = UserHistory.load(root / "prep" / "history.npz")
+    user = next(u for u in range(hist.n_users) if len(hist.train_of(u)) >= 3)
+    e = explain(run / LAST, root / "prep", user, tmp_path / "u.png", k=10, exclude="train")
+    saved = json.loads((tmp_path / "u.json").read_text())
+    recs = recommend(run / LAST, root / "prep", users=[user], k=10, exclude_consumed=True)
+    assert saved["top_k"] == e["top_k"] == [i for i, _ in recs[user]]
+    train = (hist.train_of(user) - 1).tolist()
+    held = sorted(set((hist.consumed_of(user) - 1).tolist()) - set(train))
+    assert saved["held_out"] == held
+    assert saved["profile"] == train[-len(saved["profile"]):] and len(saved["profile"]) >= 3
+    assert set(saved["hits"]) <= set(held) and set(saved["hits"]) <= set(saved["top_k"])
+    assert saved["item_ids"].startswith("0-based")
+
+
+def test_recommend_csv_ranks_count_from_1(trained_run, tmp_path):
+    import csv
+
+    from acf_fast.pipeline.recommend import recommend
+
+    root, run = trained_run
+    recs = recommend(run / LAST, root / "prep", users=[0, 1], k=4, out=tmp_path / "r.csv")
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    for u in (0, 1):
+        mine = [r for r in rows if int(r["user_id"]) == u]
+        assert [int(r["rank"]) for r in mine] == list(range(1, len(recs[u]) + 1))
+        assert int(mine[0]["item_id"]) == recs[u][0][0]      # rank 1 = the best item
+
+
+def test_training_log_and_evaluation_table_name_their_protocols(prepared, tmp_path, capsys):
+    from acf_fast.evaluation.evaluate import evaluate
+
+    out = tmp_path / "run"
+    assert cli_main(_train_args(prepared, out, "--epochs", "2")) == 0
+    log = capsys.readouterr().out
+    legend = [ln for ln in log.splitlines() if ln.startswith("val_auc_triplets / val_rr_triplets")]
+    assert len(legend) == 1 and "validation triplets" in legend[0]
+    assert "whole catalogue" in legend[0] and "profile excluded" in legend[0]
+    epochs = [ln for ln in log.splitlines() if ln.startswith("epoch ")]
+    assert len(epochs) == 2 and all("val_auc_triplets=" in ln for ln in epochs)
+    assert log.index(legend[0]) < log.index(epochs[0])
+    history = json.loads((out / "history.json").read_text())
+    assert all("val_auc" in r and "val_rr" in r for r in history)      # keys kept
+
+    report = evaluate(out / LAST, prepared / "prep", tmp_path / "eval", plot=False, progress=False)
+    printed = capsys.readouterr().out
+    note = printed.splitlines()[-1]
+    assert "held-out baskets" in note and "tutorial" in note and "standard" in note
+    assert "profile items" in note and "every training item" in note and "val_auc" in note
+    assert note == report["protocols_note"]
+    assert note in (tmp_path / "eval" / "metrics.txt").read_text()
