@@ -137,3 +137,28 @@ def resave(src, dst=None, **changes):
     dst = src if dst is None else dst
     torch.save(ckpt, dst)
     return dst
+
+
+def cli_error(capsys, argv) -> str:
+    """Run the CLI, expect exit status 2 and exactly one `acf-fast: error:` line (progress
+    bars aside); return it."""
+    from acf_fast.pipeline.cli import main as cli_main
+
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("acf-fast:")]
+    assert len(lines) == 1 and lines[0].startswith("acf-fast: error: "), err[-3000:]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def wait_for_marker(proc, marker, what: str, timeout_s: float = 120) -> None:
+    """Wait until a subprocess driver writes `marker` (the point a fault test acts at);
+    fail with its stderr if it exits or times out first."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert marker.exists(), f"{what}:\n{proc.communicate()[1][-3000:]}"
+

@@ -41,24 +41,22 @@ def text(name: str, default: str | None = None) -> str | None:
     return default if value is None or value == "" else value
 
 
-def integer(name: str, default: int) -> int:
+def _converted(name: str, default, convert, kind: str):
     value = text(name)
     if value is None:
         return default
     try:
-        return int(value)
+        return convert(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise ValueError(f"environment variable {name}={value!r} is not {kind}") from None
+
+
+def integer(name: str, default: int) -> int:
+    return _converted(name, default, int, "an integer")
 
 
 def number(name: str, default: float) -> float:
-    value = text(name)
-    if value is None:
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not a number") from None
+    return _converted(name, default, float, "a number")
 
 
 def is_set(name: str) -> bool:

@@ -23,7 +23,7 @@ from acf_fast.pipeline.recommend import recommend
 from acf_fast.training import TrainConfig, train
 from acf_fast.utils.outputs import atomic_write
 
-from conftest import resave
+from conftest import cli_error, resave
 from disks import fill, make_read_only, needs_root, tmpfs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,16 +42,6 @@ def tiny(tmp_path_factory):
     train(TrainConfig(data_dir=str(root / "prep"), out_dir=str(root / "run"), epochs=1, model_dim=8,
                       progress=False, backend="reference"))
     return root, s
-
-
-def cli_error(capsys, argv) -> str:
-    """Run the CLI, expect exit status 2 and exactly one `acf-fast: error:` line; return it."""
-    assert cli_main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("acf-fast:")]
-    assert len(lines) == 1 and lines[0].startswith("acf-fast: error: "), err[-3000:]
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def command(name, ckpt, data, tmp_path):

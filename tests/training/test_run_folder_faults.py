@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -23,7 +22,7 @@ from acf_fast.training import (BEST, HISTORY, LAST, CheckpointWriteError, RunFol
 from acf_fast.training import trainer as trainer_module
 from acf_fast.training.run_lock import LOCK_NAME
 
-from conftest import resave, tiny_prepared_dataset, tiny_train_config
+from conftest import cli_error, resave, tiny_prepared_dataset, tiny_train_config, wait_for_marker
 from disks import fill, make_read_only, needs_root, tmpfs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,17 +44,6 @@ def prepared(tmp_path_factory):
 def leftovers(folder):
     """Temporary or lock files left in a folder."""
     return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name or p.name == LOCK_NAME)
-
-
-def cli_error(capsys, argv) -> str:
-    """Run the CLI, expect exit status 2 and exactly one `acf-fast: error:` line (progress
-    bars aside); return it."""
-    assert cli_main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("acf-fast:")]
-    assert len(lines) == 1 and lines[0].startswith("acf-fast: error: "), err[-3000:]
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def cli_train(root, out, *extra):
@@ -94,10 +82,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_naming_the_holder(prepared, 
                              *cli_train(prepared, out, "--batch-size", "32")],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while not marker.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert marker.exists(), f"the first run never reached step 2:\n{proc.communicate()[1][-3000:]}"
+        wait_for_marker(proc, marker, "the first run never reached step 2")
         holder = f"pid {proc.pid} on host {socket.gethostname()}"
         # the library: refused before any data is read
         with pytest.raises(RunFolderInUse, match=f"{out} is in use by another training run "

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from acf_fast.model.checkpoint import read_checkpoint
 from acf_fast.training import (BEST, HISTORY, LAST, TrainConfig, Trainer, TrainingDiverged,
                                TrainingInterrupted, train)
 
-from conftest import tiny_prepared_dataset, tiny_train_config
+from conftest import tiny_prepared_dataset, tiny_train_config, wait_for_marker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -272,10 +271,7 @@ def test_cli_signal_exits_with_one_line_and_resumes_bit_identically(prepared, tm
     proc = subprocess.Popen([sys.executable, str(driver), str(marker), *_cli_args(prepared, out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while not marker.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        assert marker.exists(), f"training never reached step 5:\n{proc.communicate()[1][-3000:]}"
+        wait_for_marker(proc, marker, "training never reached step 5")
         proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
