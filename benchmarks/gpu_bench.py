@@ -76,10 +76,10 @@ def peaks():
     return None, None
 
 
-def build(backend, feature_dtype, batch_size, on_host=False, cuda_graph=False):
+def build(backend, feature_dtype, batch_size, on_host=False, cuda_graph=False, fused=False):
     model, data, step = training_setup(backend, feature_dtype, batch_size, dev=DEVICE,
                                        features_on_host=on_host, sync=False,
-                                       cuda_graph=cuda_graph, **SHAPE)
+                                       cuda_graph=cuda_graph, fused=fused, **SHAPE)
     if on_host:
         assert model.feature_table.device.type == "cpu"
     return model, data, step
@@ -123,14 +123,17 @@ def essential_work(data, feature_dtype):
 
 def run_config(backend, fname, batch_size, precision):
     """backend: reference | ref-host | triton | tri-host (-host: table in host memory) |
-    tri-graph (the triton step replayed from a CUDA graph)."""
+    tri-graph (the triton step replayed from a CUDA graph) | tri-fused (the fused 8-launch
+    step, acf_fast.training.fused_step, replayed from a CUDA graph: the trainer's default)."""
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     if not SMOKE:
         torch.cuda.empty_cache()
     on_host = backend.endswith("-host")
-    graph = backend == "tri-graph"
-    name = {"ref-host": "reference", "tri-host": "triton", "tri-graph": "triton"}.get(backend, backend)
-    model, data, step = build(name, FEATURES[fname], batch_size, on_host, graph)
+    graph = backend in ("tri-graph", "tri-fused")
+    name = {"ref-host": "reference", "tri-host": "triton", "tri-graph": "triton",
+            "tri-fused": "triton"}.get(backend, backend)
+    model, data, step = build(name, FEATURES[fname], batch_size, on_host,
+                              graph and backend == "tri-graph", fused=backend == "tri-fused")
     if graph and not SMOKE:
         # the peak of the capturing call: a replay allocates nothing (its memory was set
         # aside at capture), and the capture allocates what one static step needs
@@ -166,9 +169,10 @@ def main():
             # the tri-graph rows had to fit in the same time limit
             for precision in (PRECISIONS if batch_size == BATCHES[0] else PRECISIONS[:1]):
                 base, tutorial = {}, {}
-                backends = ["reference", "triton", "tri-graph"]
+                backends = ["reference", "triton", "tri-graph", "tri-fused"]
                 if batch_size == BATCHES[0] and precision == "ieee":
-                    backends = ["reference", "ref-host", "triton", "tri-host", "tri-graph"]
+                    backends = ["reference", "ref-host", "triton", "tri-host", "tri-graph",
+                                "tri-fused"]
                 for backend in backends:
                     row = dict(features=fname, batch=batch_size, matmul=precision, backend=backend)
                     try:

@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 echo "== 1. Triton tests on CUDA (limit ${TEST_LIMIT}s)"
 if "$PY" -c "import pytest" 2>/dev/null; then
   PYTHONPATH="$PWD/tests:${PYTHONPATH:-}" timeout "$TEST_LIMIT" "$PY" -m pytest -v -p no:cacheprovider --noconftest -o addopts="" -rfE --durations=5 \
-      tests/backends/test_triton_backend.py tests/backends/test_triton_gradcheck.py tests/training/test_cuda_graph.py 2>&1 | tee "$LOGS/gpu_tests.txt"
+      tests/training/test_fused_step.py tests/backends/test_triton_backend.py tests/backends/test_triton_gradcheck.py tests/training/test_cuda_graph.py 2>&1 | tee "$LOGS/gpu_tests.txt"
   rc=${PIPESTATUS[0]}
 else
   echo "pytest is not installed here: running the built-in quick check instead"

@@ -51,7 +51,7 @@ def wikimedia_model(backend: str, feature_dtype: torch.dtype, dev=None, **shape)
 
 def training_setup(backend: str, feature_dtype: torch.dtype, batch: int = 128,
                    compile: bool = False, dev=None, features_on_host: bool = False,
-                   sync: bool = True, cuda_graph: bool = False, **shape):
+                   sync: bool = True, cuda_graph: bool = False, fused: bool = False, **shape):
     """(model, batch, step): step runs forward, WARP loss, backward and Adam on a fixed batch.
 
     features_on_host keeps the table in host memory (the tutorial's way). sync=True ends
@@ -59,6 +59,9 @@ def training_setup(backend: str, feature_dtype: torch.dtype, batch: int = 128,
     cuda_graph (triton backend, CUDA): the step is acf_fast.training.cuda_graph.GraphedTrainStep,
     fed with host copies of the batch as a training loop would (one eager warm-up call,
     then the second call captures; later calls replay).
+    fused (triton backend): acf_fast.training.fused_step, the whole step in 8 launches, fed
+    from the device as the trainer feeds it (the batch bound as an epoch order; on CUDA the
+    second call captures, later calls replay).
     """
     dev = dev or device()
     if features_on_host:
@@ -68,6 +71,23 @@ def training_setup(backend: str, feature_dtype: torch.dtype, batch: int = 128,
     else:
         model = wikimedia_model(backend, feature_dtype, dev, **shape)
     data = wikimedia_batch(model, batch=batch)
+    if fused:
+        from acf_fast.training.fused_step import FusedTrainStep
+
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
+        step_fn = FusedTrainStep(model, opt, "warp")
+        prof = torch.where(data.profile_mask, data.profile_ids, 0)
+        # the same batch every step: an epoch order of the batch repeated
+        order = torch.arange(batch, device=dev).repeat(4096)
+        step_fn.bind_epoch(data.user_ids, prof, data.pos, data.neg, order, batch_size=batch)
+
+        def fused_step():
+            loss = step_fn.epoch_step(batch)
+            if sync and data.user_ids.is_cuda:
+                torch.cuda.synchronize()
+            return loss
+
+        return model, data, fused_step
     if cuda_graph:
         from acf_fast.training.cuda_graph import GraphedTrainStep
 

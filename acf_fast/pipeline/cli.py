@@ -165,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature table dtype (16-bit halves its memory)")
     p.add_argument("--max-steps", type=_count(1), default=None,
                    help="stop after this many steps in all (default: no limit)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="replay each step from a CUDA graph (triton backend, one GPU): "
-                        "removes the per-step launch overhead")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="the fused step (8 kernels) replayed from a CUDA graph (triton backend, "
+                        "one GPU); default: on exactly then")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/last.pt, up to its own epochs target unless --epochs is given")
     p.add_argument("--overwrite", action="store_true",

@@ -42,8 +42,8 @@ class TrainConfig:
                                          # small machine 1 thread is often faster for small models.
     progress: bool = True
     overwrite: bool = False              # train(): replace a run already in out_dir instead of refusing
-    cuda_graph: bool = False             # replay each full batch's step from a CUDA graph (triton
-                                         # backend on one GPU; see acf_fast.training.cuda_graph)
+    cuda_graph: bool | None = None       # the fused step replayed from a CUDA graph (triton backend,
+                                         # one GPU; acf_fast.training.fused_step). None: on exactly then
     check_dataset: bool = True           # resume: refuse a last.pt trained on another dataset
 
     def validate(self) -> None:

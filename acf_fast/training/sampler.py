@@ -45,7 +45,8 @@ class EpochBatches:
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
 
-    def _epoch_perm(self, epoch: int) -> torch.Tensor:
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """Epoch `epoch`'s whole order; its global batch k is the k-th slice of batch_size."""
         if self._perm_epoch != epoch:
             self._perm, self._perm_epoch = self.permutation(self.n, self.seed, epoch), epoch
         return self._perm
@@ -53,7 +54,7 @@ class EpochBatches:
     def global_batch(self, epoch: int, step: int) -> torch.Tensor:
         if not 0 <= step < len(self):
             raise IndexError(f"step {step} outside [0, {len(self)})")
-        return self._epoch_perm(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
+        return self.epoch_order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
 
 
 def batch_tensors(data: TripletSet, idx: torch.Tensor, device) -> tuple[torch.Tensor, ...]:

@@ -16,9 +16,12 @@ training triplets when it runs.
   all-reduced before weighting, so each example gets the weight one process gives it.
   The terms are acf_fast.model.losses.per_example_terms
   (docs/distributed.md#loss-equivalence).
-- `GraphedStep`: one GPU, the whole step replayed from a CUDA graph
-  (acf_fast.training.cuda_graph), fed with host tensors (checked on the host, so the
-  GPU never waits for a check).
+- `FusedStep`: one GPU and the triton backend (the default there): eight Triton
+  launches a step (acf_fast.training.fused_step) replayed from a CUDA graph, the
+  epoch's triplets on the device, the loss read one step late.
+- `GraphedStep`: any loss function and torch optimizer under autograd, replayed from a
+  CUDA graph (acf_fast.training.cuda_graph), fed with host tensors (checked on the
+  host, so the GPU never waits for a check); the trainer uses it through `graph_step`.
 """
 
 from __future__ import annotations
@@ -31,14 +34,23 @@ from .sampler import batch_tensors, split_global_batch
 
 
 class TrainStep:
-    """The interface: `step(idx) -> float`, and `reset()` after the optimizer's state was
-    replaced (a resume)."""
+    """The interface: `step(idx) -> float | None`, `flush() -> float | None` and `reset()`
+    after the optimizer's state was replaced (a resume).
+
+    `lag` is how many steps late a step's loss comes back: 0, or 1 for a step that does
+    not wait for the GPU (its call returns the previous step's loss, None for the
+    first, and `flush()` returns the last one)."""
+
+    lag = 0
 
     def __init__(self, trainer):
         self.trainer = trainer
 
-    def __call__(self, idx: torch.Tensor) -> float:
+    def __call__(self, idx: torch.Tensor) -> float | None:
         raise NotImplementedError
+
+    def flush(self) -> float | None:
+        return None
 
     def reset(self) -> None:
         pass
@@ -81,13 +93,71 @@ class GraphedStep(TrainStep):
         self.graph.reset()
 
 
+class FusedStep(TrainStep):
+    """One GPU, the triton backend: the whole step in eight launches replayed from one CUDA
+    graph (acf_fast.training.fused_step), the training triplets and each epoch's order
+    on the device (copied once, not per step), and the loss read one step late, so the
+    host never waits for the GPU inside an epoch."""
+
+    lag = 1
+
+    def __init__(self, trainer, capture: bool | None = None):
+        super().__init__(trainer)
+        from .fused_step import FusedTrainStep
+
+        self.fused = FusedTrainStep(trainer.model, trainer.optimizer, trainer.cfg.loss,
+                                    capture=capture)
+        data, dev = trainer.train_set, trainer.device
+        width = max(int((data.profile > 0).sum(1).max()), 1) if len(data) else 1
+        self.data = (data.user.to(dev), data.profile[:, :width].contiguous().to(dev),
+                     data.pos.to(dev), data.neg.to(dev))
+        self._next = None       # the (epoch, step) the bound order's cursor is at
+        self._pending = None    # the last step's loss: (host copy, its copy's event)
+
+    def __call__(self, idx: torch.Tensor) -> float | None:
+        t = self.trainer
+        at = (t.state.epoch, t.state.step)
+        if self._next != at:    # a new epoch, or a resume mid-epoch
+            self.fused.bind_epoch(*self.data, t.batches.epoch_order(at[0]),
+                                  batch_size=t.cfg.batch_size, start=at[1])
+        loss = self.fused.epoch_step(idx.numel())
+        self._next = (at[0], at[1] + 1)
+        previous = self.flush()
+        if loss.device.type == "cuda":
+            host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+            host.copy_(loss, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (host, event)
+        else:
+            self._pending = (loss.detach().clone(), None)
+        return previous
+
+    def flush(self) -> float | None:
+        if self._pending is None:
+            return None
+        host, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        return float(host)
+
+    def reset(self) -> None:
+        self.fused.reset()
+        self._next, self._pending = None, None
+
+
 def make_step(trainer) -> TrainStep:
-    """The step for this run: graphed (config.cuda_graph), DDP (under torchrun) or eager."""
-    if trainer.cfg.cuda_graph:
+    """The step for this run: fused and graphed (config.cuda_graph; by default on for one
+    CUDA device with the triton backend), DDP (under torchrun) or eager."""
+    want = trainer.cfg.cuda_graph
+    if want is None:
+        want = (trainer.device.type == "cuda" and not trainer.dist.is_distributed
+                and trainer.model.resolved_backend() == "triton")
+    if want:
         if trainer.dist.is_distributed:
             raise ValueError("cuda_graph runs on one GPU; it cannot be combined with torchrun")
-        from .cuda_graph import GraphedTrainStep
-        return GraphedStep(trainer, GraphedTrainStep(trainer.model, trainer.optimizer, trainer.loss_fn))
+        return FusedStep(trainer)
     return plain_step(trainer)
 
 

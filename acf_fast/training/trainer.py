@@ -94,7 +94,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
                                           weight_decay=config.weight_decay,
                                           fused=self.device.type == "cuda" or None,
-                                          capturable=config.cuda_graph)
+                                          capturable=bool(config.cuda_graph))
         self.loss_fn = get_loss(config.loss)
         self.folder = RunFolder(self.out, self.dist)
         self.batches = EpochBatches(len(self.train_set), config.batch_size, config.seed)
@@ -107,13 +107,11 @@ class Trainer:
         self.complete_reason: str | None = None        # why the last fit() had nothing to do
 
     @property
-    def graph_step(self):
-        """The CUDA-graph step (a GraphedTrainStep) when this run replays one, else None."""
+    def graph_step(self):   # the GraphedTrainStep this run replays, if any
         return getattr(self.train_step, "graph", None)
 
     @graph_step.setter
-    def graph_step(self, graph) -> None:
-        """Train through `graph` (a GraphedTrainStep) from now on; None: the eager or DDP step."""
+    def graph_step(self, graph) -> None:   # train through it; None: the eager or DDP step
         self.train_step = GraphedStep(self, graph) if graph is not None else plain_step(self)
 
     # ------------------------------------------------------------------ the run folder
@@ -223,34 +221,48 @@ class Trainer:
         while st.step < steps:
             self._poll_signal(bar, steps)                     # a step boundary
             if cfg.max_steps is not None and st.global_step >= cfg.max_steps:
+                self._drain(steps)
                 if st.step:   # mid-epoch: keep the work, resumable like an interrupt
                     self.save(LAST)
                 return False
             idx = self.batches.global_batch(st.epoch, st.step)
             value = self.train_step(idx)                      # the global value: same on all ranks
-            if not math.isfinite(value):
-                raise self.folder.diverged(
-                    f"the loss is {value} at epoch {st.epoch + 1}, step {st.step + 1} of {steps} "
-                    f"(global step {st.global_step + 1}); nothing was saved from this step on", cfg.lr)
-            self.step_losses.append(value)
-            st.loss_sum += value
             st.step += 1
             st.global_step += 1
+            self._account(value, steps, self.train_step.lag)
             seen += idx.numel()
             # postfix first and without its own redraw: update() redraws at the
             # bar's pace (see acf_fast.utils.progress), not at every step
-            bar.set_postfix(loss=f"{st.loss_sum / st.step:.4f}",
+            bar.set_postfix(loss=f"{st.loss_sum / max(st.step - self.train_step.lag, 1):.4f}",
                             trip_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
             bar.update()
             if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0 and st.step < steps:
+                self._drain(steps)
                 self.save(LAST)
+        self._drain(steps)
         return True
+
+    def _account(self, value: float | None, steps: int, lag: int) -> None:
+        """Record the loss of the step `lag` steps back (None: nothing to record yet)."""
+        st = self.state
+        if value is not None and not math.isfinite(value):
+            raise self.folder.diverged(
+                f"the loss is {value} at epoch {st.epoch + 1}, step {st.step - lag} of {steps} "
+                f"(global step {st.global_step - lag}); nothing was saved from this step on",
+                self.cfg.lr)
+        if value is not None:
+            self.step_losses.append(value)
+            st.loss_sum += value
+
+    def _drain(self, steps: int) -> None:   # a loss still on its way back, before a save
+        self._account(self.train_step.flush(), steps, 0)
 
     def _poll_signal(self, bar, steps: int) -> None:
         signum = self.signals.pending()
         if not signum:
             return
         st = self.state
+        self._drain(steps)
         path = self.save(LAST)                      # the mid-epoch state, as checkpoint_every writes it
         bar.close()
         where = f"epoch {st.epoch + 1}, step {st.step} of {steps} (global step {st.global_step})"

@@ -288,10 +288,10 @@ def test_static_step_never_synchronises(batch_size):
 
 
 def test_trainer_graph_steps_follow_the_plain_loop(tmp_path):
-    """The Trainer's graphed loop (host batches -> GraphedTrainStep) against its plain
-    loop. On the CPU the graph step runs eagerly (capture=False) for 3 small steps (the
-    interpreter is slow); on a GPU it captures (`cuda_graph=True`) over a whole epoch: 6
-    full batches of 100 and a partial one of 40."""
+    """The Trainer's graphed loop against its plain loop. On the CPU a GraphedTrainStep
+    runs eagerly (capture=False) for 3 small steps (the interpreter is slow); on a GPU
+    `cuda_graph=True` (the fused step, acf_fast.training.fused_step) captures over a
+    whole epoch: 6 full batches of 100 and a partial one of 40."""
     pytest.importorskip("h5py")   # the tiny dataset's feature file (maybe absent on a GPU box)
     from acf_fast.training.cuda_graph import GraphedTrainStep as Step
     from acf_fast.training import Trainer
@@ -312,7 +312,9 @@ def test_trainer_graph_steps_follow_the_plain_loop(tmp_path):
         trainer.fit()
         losses.append(trainer.step_losses)
         if graphed and DEVICE == "cuda":
-            assert trainer.graph_step.replays == 3   # 3 warm-up steps, 3 replays, 1 partial
+            # cuda_graph=True trains through the fused step: its first full batch runs and
+            # is captured, the next 5 replay, the partial one runs without the graph
+            assert trainer.train_step.fused.replays == 5
     assert len(losses[1]) == len(losses[0]) == (7 if DEVICE == "cuda" else 3)
     # float32 and Adam: the two paths' last-bit differences grow a little step by step
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]),
@@ -338,9 +340,10 @@ def test_a_cpu_run_resumes_on_the_gpu_with_the_graph(tmp_path):
     steps = [state["step"] for state in gpu.optimizer.state.values()]
     assert steps and all(t.device.type == "cuda" for t in steps)
     gpu.fit()
-    # 5 steps left: 3 warm-ups, the capture and its replay, the partial batch eagerly
+    # 5 steps left (the fused step): one run and captured, 3 replays, the partial batch
+    # without the graph
     assert gpu.state.finished and len(gpu.step_losses) == 5
-    assert all(math.isfinite(v) for v in gpu.step_losses) and gpu.graph_step.replays == 1
+    assert all(math.isfinite(v) for v in gpu.step_losses) and gpu.train_step.fused.replays == 3
     assert all(float(t) == 7 for t in steps)
 
 

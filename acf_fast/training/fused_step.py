@@ -1,0 +1,335 @@
+"""The whole training step (forward, loss, backward, Adam) in eight Triton launches.
+
+    kernels.train_step  1 launch   forward + loss + backward, one program per user
+    kernels.outer_sum   6 launches dW_red, dW2x, dW2u, dW1u, dW1p, dW1x (split-K partials)
+    kernels.adam        1 launch   sums the partials and embedding rows, applies the loss
+                                   scale (1/B, WARP's weight), updates every parameter
+
+No ATen kernel runs inside the step, nothing is read back to the host, and every
+shape is fixed by (B, P), so on a GPU the eight launches are captured once in a CUDA
+graph and each later step is one replay. Why this shape of pipeline and not autograd
+plus torch.optim.Adam (acf_fast.training.cuda_graph): that step issues ~95 kernels,
+and even replayed from a graph their gaps cost more than the arithmetic at B = 128.
+
+Equal to the model's own step with torch.optim.Adam, to rounding: the same forward,
+the same gradients (tests/training/test_fused_step.py compares them in float64), and
+Adam's arithmetic including weight decay. The module's parameters become views of a
+flat buffer and Adam's moments live in the optimizer's state (training.flat_params),
+so checkpoints look the same either way. `.grad` is not filled.
+
+Two ways to feed it:
+- `step(user_ids, profile_ids, pos, neg)`: one batch from the host or the device
+  (copied into the step's static buffers);
+- `bind_epoch(triplets)` then `epoch_step()`: the training triplets stay on the device
+  with the epoch's order, and a device cursor selects each step's batch, so a step is
+  just a replay; the host reads the loss one step late (`loss` is a device scalar).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import torch
+
+from ..backends import registry as _registry
+from ..model.weights import ACFWeights
+from .flat_params import FlatAdamState
+
+_triton = None
+
+
+def _kernels():
+    """kernels.train_step, outer_sum, adam (through the triton backend, which maps the
+    repository's kernels/ folder to acf_fast.kernels)."""
+    global _triton
+    if _triton is None:
+        _triton = _registry.get("triton")   # imports acf_fast.kernels
+    return tuple(importlib.import_module(f"acf_fast.kernels.{m}")
+                 for m in ("train_step", "outer_sum", "adam", "_common", "reduce"))
+
+
+class _Plan:
+    """Buffers and launch arguments for one batch shape (B users, P profile slots)."""
+
+    def __init__(self, owner: "FusedTrainStep", B: int, P: int):
+        ts, osum, adam, common, reduce = _kernels()
+        self.B, self.P = B, P
+        st, w = owner.state, owner.weights
+        M, F = owner.table.shape[1:]
+        D = w.user_emb.shape[1]
+        dev, dt = st.device, st.dtype
+        rows = B * P * M
+        self.D, self.M, self.F = D, M, F
+        empty = lambda *shape, dtype=dt: torch.empty(shape, dtype=dtype, device=dev)  # noqa: E731
+        self.user_ids = empty(B, dtype=torch.int64)
+        self.item_ids = empty(2 * B, dtype=torch.int64)
+        self.prof_ids = empty(B * P, dtype=torch.int64)
+        self.duser, self.ditem, self.dprof = empty(B, D), empty(2 * B, D), empty(B * P, D)
+        self.r, self.dr, self.dxr = empty(rows, D), empty(rows, D), empty(rows, D)
+        self.xbar, self.dz = empty(B * P, D), empty(B * P, D)
+        self.terms, self.flags, self.scores = empty(B), empty(B), empty(B, 2)
+        self.vec_width = 4 * D + 2
+        # the dense partial gradients, one flat buffer: [vec | dut | duu | outer sums]
+        cuda = dev.type == "cuda" and not common.interpreting()
+        cap = reduce._capability(dev) if cuda else 90
+        sms = reduce._sm_count(dev) if cuda else 132
+        low = reduce.use_tensor_cores(owner.table.dtype, dt, dev)
+        prec = common.dot_precision(dt, dev)
+        O = osum.OuterSum
+        user_rows = dict(x=w.user_emb, ids=self.user_ids, group=1, stride_id=D, stride_sub=0, NB=D)
+        # placeholders for A (dut, duu): the partial buffer is allocated below
+        self.sums = {
+            "red_w": O(self.dr, owner.table, self.prof_ids, M, owner.table.stride(0),
+                       owner.table.stride(1), F, sms, cap, low, prec),
+            "c_wx": O(self.dxr, self.r, None, 1, D, 0, D, sms, cap, False, prec),
+            "i_wp": O(self.dz, w.profile_emb, self.prof_ids, 1, D, 0, D, sms, cap, False, prec),
+            "i_wx": O(self.dz, self.xbar, None, 1, D, 0, D, sms, cap, False, prec),
+        }
+        sizes = {"vec": B * self.vec_width, "dut": B * D, "duu": B * D}
+        for name, s in self.sums.items():
+            sizes[name] = s.splits * s.NA * s.NB
+        for name in ("i_wu", "c_wu"):   # A = dut / duu, X = user rows: planned after allocation
+            probe = O(empty(B, D), w.user_emb, None, 1, D, 0, D, sms, cap, False, prec)
+            sizes[name] = probe.splits * D * D
+        self.part_offset, total = {}, 0
+        for name, n in sizes.items():
+            self.part_offset[name] = total
+            total += -(-n // 64) * 64
+        self.partials = torch.zeros(total, dtype=dt, device=dev)
+        part = lambda name, shape: self.partials[self.part_offset[name]:self.part_offset[name] + sizes[name]].view(shape)  # noqa: E731
+        self.vec = part("vec", (B, self.vec_width))
+        self.dut = part("dut", (B, D))
+        self.duu = part("duu", (B, D))
+        self.sums["i_wu"] = O(self.dut, **user_rows, sm_count=sms, cap=cap, precision=prec)
+        self.sums["c_wu"] = O(self.duu, **user_rows, sm_count=sms, cap=cap, precision=prec)
+        for name, s in self.sums.items():
+            s.out = part(name, s.partial_shape)
+        self.adam_blocks = adam.blocks(cap)
+        self.seg_table, self.n_blocks = self._segments(owner, adam, B, D)
+        self.step_kernel, self.adam = ts, adam
+        self.low, self.prec = low, prec
+        self.ts_blocks = ts.blocks(P, M, D, low, cap)
+
+    def _segments(self, owner, adam, B, D):
+        """The optimizer kernel's segment table (kernels.adam.SEG_FIELDS), one row a parameter."""
+        st = owner.state
+        vec, dut, duu = self.part_offset["vec"], self.part_offset["dut"], self.part_offset["duu"]
+        W = self.vec_width
+        dense = {   # name -> (part_offset, part_stride, n_parts)
+            "red_b": (vec + 3 * D, W, B), "c_bx": (duu, D, B), "c_bu": (duu, D, B),
+            "c_w": (vec + 2 * D, W, B), "c_b": (vec + 4 * D + 1, W, B),
+            "i_bu": (dut, D, B), "i_bp": (vec + D, W, B), "i_bx": (vec + D, W, B),
+            "i_w": (vec, W, B), "i_b": (vec + 4 * D, W, B),
+        }
+        for name, s in self.sums.items():
+            dense[name] = (self.part_offset[name], s.NA * s.NB, s.splits)
+        # embedding lists: 0 users, 1 pos/neg items, 2 profile items
+        lists = {"user_emb": (0, -1), "item_emb": (1, 2 if owner.tied else -1),
+                 "profile_emb": (2, -1)}
+        rows, first = [], 0
+        for name in st.names:
+            numel = st.params[name].numel()
+            off, stride, n = dense.get(name, (0, 0, 0))
+            la, lb = lists.get(name, (-1, -1))
+            width = D if name in lists else 1
+            skip_zero = 0 if name == "user_emb" else 1    # item/profile row 0 is padding
+            rows.append([first, numel, st.offsets[name], off, stride, n, la, lb, width, skip_zero])
+            first += -(-numel // self.adam_blocks["BLOCK"])
+        table = torch.tensor(rows, dtype=torch.int64, device=st.device)
+        return table, first
+
+
+class FusedTrainStep:
+    def __init__(self, model, optimizer, loss: str = "warp", *, capture: bool | None = None):
+        ts = _kernels()[0]
+        if loss not in ts.LOSS_CODES:
+            raise ValueError(f"the fused step implements the losses {sorted(ts.LOSS_CODES)}, not {loss!r}")
+        if model.resolved_backend() != "triton":
+            raise ValueError(f"the fused step runs the triton backend; this model runs "
+                             f"{model.resolved_backend()!r}")
+        self.weights = ACFWeights.of(model)
+        D = self.weights.user_emb.shape[1]
+        if self.weights.c_wx.shape[0] != D:
+            raise ValueError("the fused step needs the attention hidden size H == model_dim")
+        self.table = model.feature_table
+        device = self.weights.user_emb.device
+        if self.table.device != device:
+            raise ValueError(f"the fused step needs the feature table on {device} with the "
+                             f"parameters, not on {self.table.device} (features_on_host=False)")
+        capture = device.type == "cuda" if capture is None else bool(capture)
+        if capture and device.type != "cuda":
+            raise ValueError(f"capture=True needs the model on a CUDA device, not {device}")
+        self.model, self.optimizer, self.loss_name = model, optimizer, loss
+        self.loss_code = ts.LOSS_CODES[loss]
+        self.tied = self.weights.profile_emb is self.weights.item_emb
+        self.capture = capture
+        self.width = model.max_profile_size
+        self.reset()
+
+    def reset(self) -> None:
+        """(Re)adopt the optimizer's state (after `optimizer.load_state_dict`) and drop plans."""
+        self.state = FlatAdamState(self.model, self.optimizer)
+        self.weights = ACFWeights.of(self.model)
+        self._plans, self._graphs = {}, {}
+        self.loss = torch.zeros(1, dtype=self.state.dtype, device=self.state.device)
+        self._source = None
+        self.replays = 0
+
+    # ------------------------------------------------------------------ feeding
+    def step(self, user_ids, profile_ids, pos, neg) -> torch.Tensor:
+        """One step on one batch; returns the loss as a device scalar (no sync)."""
+        B, P = profile_ids.shape
+        P = max(P, 1)
+        key = ("batch", B, P)
+        src = self._batch_buffers(key, B, P)
+        src["users"].copy_(user_ids)
+        src["pos"].copy_(pos)
+        src["neg"].copy_(neg)
+        src["profiles"].zero_()
+        src["profiles"][:, :profile_ids.shape[1]].copy_(profile_ids)
+        self._run(key, B, P, src, advance=False)
+        return self.loss[0]
+
+    def _batch_buffers(self, key, B, P):
+        if key not in self._plans:
+            dev = self.state.device
+            ids = lambda *s: torch.zeros(s, dtype=torch.int64, device=dev)  # noqa: E731
+            self._plans[key] = dict(users=ids(B), pos=ids(B), neg=ids(B), profiles=ids(B, P),
+                                    order=torch.arange(B, device=dev), cursor=ids(1))
+        return self._plans[key]
+
+    def bind_epoch(self, users, profiles, pos, neg, order, batch_size: int | None = None,
+                   start: int = 0) -> None:
+        """The training triplets (device tensors) and an epoch's order: step k trains on
+        order[k * batch_size:][:B]; the cursor starts at step `start` (a resume)."""
+        dev = self.state.device
+        stride = int(batch_size or order.numel())
+        if self._source is None or self._source["profiles"] is not profiles:
+            cursor = torch.zeros(1, dtype=torch.int64, device=dev)
+            self._source = dict(users=users, pos=pos, neg=neg, profiles=profiles, cursor=cursor,
+                                order=torch.empty(order.numel(), dtype=torch.int64, device=dev))
+        src = self._source
+        if src["order"].numel() != order.numel():
+            src["order"] = torch.empty(order.numel(), dtype=torch.int64, device=dev)
+            self._graphs = {k: g for k, g in self._graphs.items() if k[0] != "epoch"}
+        # copied into the same buffers: a captured graph keeps reading them
+        src["order"].copy_(order)
+        src["cursor"].fill_(start)
+        src["stride"] = stride
+
+    def epoch_step(self, batch_size: int) -> torch.Tensor:
+        """The next `batch_size` triplets of the bound epoch order (a full batch replays the
+        captured graph; the cursor advances on the device)."""
+        src = self._source
+        P = src["profiles"].shape[1]
+        self._run(("epoch", batch_size, P), batch_size, P, src, advance=True)
+        return self.loss[0]
+
+    # ------------------------------------------------------------------ launching
+    def _run(self, key, B, P, src, advance: bool) -> None:
+        plan_key = (B, P)
+        if plan_key not in self._plans:
+            self._plans[plan_key] = _Plan(self, B, P)
+        plan = self._plans[plan_key]
+        if not self.capture:
+            self.launch(plan, src, advance)
+            return
+        graph = self._graphs.get(key)
+        if graph is None:
+            self.launch(plan, src, advance)   # compiles every kernel outside the capture
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.launch(plan, src, advance)
+            except RuntimeError as exc:
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                print(f"acf_fast: CUDA-graph capture failed ({type(exc).__name__}: {first}); "
+                      "training continues without the graph", file=sys.stderr)
+                self.capture = False
+                return
+            self._graphs[key] = graph
+            return   # the warm-up launch above was this step
+        graph.replay()
+        self.replays += 1
+
+    def launch(self, plan: _Plan, src: dict, advance: bool, update: bool = True) -> None:
+        """The eight launches of one step (what a graph captures); update=False stops
+        before the optimizer (the gradients stay in the plan's buffers)."""
+        w, st, ts = self.weights, self.state, plan.step_kernel
+        B, P, D = plan.B, plan.P, plan.D
+        t = self.table
+        ts._user_step_kernel[(B,)](
+            src["order"], src["cursor"], src.get("stride", B), src["users"], src["pos"], src["neg"], src["profiles"],
+            src["profiles"].stride(0), t, t.stride(0), t.stride(1), *w,
+            plan.user_ids, plan.item_ids, plan.prof_ids, plan.duser, plan.ditem, plan.dprof,
+            plan.r, plan.dr, plan.dxr, plan.xbar, plan.dz, plan.dut, plan.duu, plan.vec,
+            plan.terms, plan.flags, plan.scores, st.step, B, P, plan.M, plan.F, D,
+            plan.vec_width, LOSS=self.loss_code, PRECISION=plan.prec, LOW=plan.low,
+            **plan.ts_blocks)
+        for s in plan.sums.values():
+            s.launch()
+        self._last = plan
+        if not update:
+            return
+        adam = plan.adam
+        adam._adam_kernel[(plan.n_blocks,)](
+            st.flat, st.exp_avg, st.exp_avg_sq, plan.partials, plan.seg_table,
+            plan.seg_table.shape[0],
+            plan.user_ids, plan.duser, B, plan.item_ids, plan.ditem, 2 * B,
+            plan.prof_ids, plan.dprof, B * P,
+            plan.terms, plan.flags, B, self.loss, st.step, src["cursor"] if advance else None,
+            st.hyper, WARP=self.loss_code == 0, N_FIELDS=len(adam.SEG_FIELDS), **plan.adam_blocks)
+
+    # ------------------------------------------------------------------ inspection
+    def weights_unique(self) -> list[torch.Tensor]:
+        """The trained parameters, each once (a tied profile embedding is the item one)."""
+        return [self.state.params[name] for name in self.state.names]
+
+    def loss_and_gradients(self, user_ids, profile_ids, pos, neg):
+        """(loss, gradients in weights_unique() order) of one batch, parameters untouched:
+        the step's kernels without the optimizer, the sums done with torch (for tests)."""
+        B, P = profile_ids.shape
+        P = max(P, 1)
+        src = self._batch_buffers(("batch", B, P), B, P)
+        for name, value in (("users", user_ids), ("pos", pos), ("neg", neg)):
+            src[name].copy_(value)
+        src["profiles"].zero_()
+        src["profiles"][:, :profile_ids.shape[1]].copy_(profile_ids)
+        if (B, P) not in self._plans:
+            self._plans[(B, P)] = _Plan(self, B, P)
+        self.launch(self._plans[(B, P)], src, advance=False, update=False)
+        grads = self.gradients()
+        scale = self._scale(self._last)
+        return scale * self._last.terms.sum(), [grads[name] for name in self.state.names]
+
+    def _scale(self, plan) -> torch.Tensor:
+        scale = torch.ones((), dtype=self.state.dtype, device=self.state.device) / plan.B
+        if self.loss_code == 0:
+            scale = scale * (torch.log(plan.flags.sum() + 1) + 1)
+        return scale
+
+    def gradients(self) -> dict:
+        """The last step's gradient of every ACFWeights field (tied fields share one),
+        assembled with torch from the step's buffers: what the optimizer kernel summed."""
+        plan, st = self._last, self.state
+        lists = [(plan.user_ids, plan.duser), (plan.item_ids, plan.ditem),
+                 (plan.prof_ids, plan.dprof)]
+        out = {}
+        for row in plan.seg_table.tolist():
+            _, numel, offset, part_off, stride, n, la, lb, width, skip_zero = row
+            name = next(k for k in st.names if st.offsets[k] == offset)
+            g = torch.zeros(numel, dtype=st.dtype, device=st.device)
+            for k in range(n):
+                g += plan.partials[part_off + k * stride:part_off + k * stride + numel]
+            g = g.view(-1, width) if width > 1 else g
+            for which in (la, lb):
+                if which >= 0:
+                    ids, rows = lists[which]
+                    g.index_add_(0, ids, rows)
+                    if skip_zero:
+                        g[0] = 0
+            out[name] = (g.reshape(st.params[name].shape) * self._scale(plan))
+        if self.tied:
+            out["profile_emb"] = out["item_emb"]
+        return out

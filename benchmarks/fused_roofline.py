@@ -1,0 +1,74 @@
+"""The fused training step's roofline budget, kernel by kernel (computed, not measured).
+
+    python benchmarks/fused_roofline.py            # markdown table for RESULTS.md
+
+For each launch of acf_fast.training.fused_step: the bytes it must move through HBM and
+the FLOPs it must do, at the Wikimedia shape (32,958 items, M = 49, F = 2048, D = 128,
+every profile full at 9 items, a bf16 feature table, fp32 parameters), and the time
+each implies on an H100 SXM / H200: max(bytes / HBM bandwidth, FLOPs / peak of the unit
+that does them). The reduction GEMMs run on bf16 tensor cores; the attention's small
+[49, 128] x [128, 128] products run in fp32 on CUDA cores ("ieee", torch's default;
+TF32 when allowed). Weight reads that hit L2 (W_red, the [D, D] matrices, re-read per
+slot) are not HBM bytes. No profile slot is shared at this catalogue size, so the
+step does not de-duplicate items: each of the B * 9 slots reduces its own item.
+"""
+
+from __future__ import annotations
+
+ITEMS, M, F, D, P = 32_958, 49, 2048, 128, 9
+TABLE, ACC = 2, 4                        # bf16 table, fp32 everything else
+GPUS = {"H100 SXM": (3.35e12, 989e12, 67e12), "H200": (4.8e12, 989e12, 67e12)}  # HBM, bf16 TC, fp32
+N_PARAMS = ITEMS * D + 1079 * D + D * F + 5 * D * D + 8 * D   # tied profile embedding
+ADAM_BLOCK = 512
+
+
+def kernels(B: int) -> list[tuple[str, float, float, float]]:
+    """(launch, HBM bytes, tensor-core FLOPs, CUDA-core FLOPs)."""
+    S = B * P                 # profile slots
+    R = S * M                 # (slot, component) rows
+    rows_f32 = R * D * ACC    # one [R, D] fp32 buffer (r, dr or dxr)
+    splits = 16               # dW_red split-K partials (kernels.outer_sum.splits_for, B = 128)
+    return [
+        ("train_step (fwd+loss+bwd, per user)", R * F * TABLE + 3 * rows_f32 + rows_f32,
+         2 * R * F * D, 3 * 2 * R * D * D),
+        ("outer_sum dW_red = dr^T x", rows_f32 + R * F * TABLE + splits * D * F * ACC,
+         2 * R * F * D, 0),
+        ("outer_sum dW2x = dxr^T r", 2 * rows_f32, 0, 2 * R * D * D),
+        ("outer_sum dW1p, dW1x (2 launches)", 2 * (2 * S * D * ACC), 0, 2 * 2 * S * D * D),
+        ("outer_sum dW1u, dW2u (2 launches)", 2 * (2 * B * D * ACC), 0, 2 * 2 * B * D * D),
+        ("adam (all parameters, one launch)", 6 * N_PARAMS * ACC + splits * D * F * ACC,
+         0, 12 * N_PARAMS),
+    ]
+
+
+def adam_scan_l2_bytes(B: int) -> float:
+    """The optimizer's embedding-row scan: every program of an embedding table reads the
+    batch's ids (int64) from L2, not HBM; it grows with B (see RESULTS)."""
+    programs = (ITEMS + 1079) * D // ADAM_BLOCK
+    return programs * B * (P + 3) * 8
+
+
+def table(B: int) -> str:
+    lines = [f"B = {B} ({B * P} slots, {B * P * M:,} rows)", "",
+             "| launch | HBM MB | TC GFLOP | fp32 GFLOP | " +
+             " | ".join(f"{g} us" for g in GPUS) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(GPUS)]
+    totals = dict.fromkeys(GPUS, 0.0)
+    for name, nbytes, tc, fp in kernels(B):
+        times = []
+        for gpu, (bw, tc_peak, fp_peak) in GPUS.items():
+            t = max(nbytes / bw, tc / tc_peak + fp / fp_peak) * 1e6
+            totals[gpu] += t
+            times.append(f"{t:.0f}")
+        lines.append(f"| {name} | {nbytes / 1e6:.0f} | {tc / 1e9:.1f} | {fp / 1e9:.2f} | "
+                     + " | ".join(times) + " |")
+    lines.append("| **step (8 launches)** | | | | "
+                 + " | ".join(f"**{totals[g]:.0f}**" for g in GPUS) + " |")
+    lines.append(f"\nplus the optimizer's id scan: {adam_scan_l2_bytes(B) / 1e6:.0f} MB of L2 reads")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(128))
+    print()
+    print(table(1024))
