@@ -84,6 +84,8 @@ def load(required: bool = True):
     return ops
 
 
+BF16 = gemm_choice.KINDS.index("bf16")
+
 # ------------------------------------------------------------------ fakes and autograd
 
 _REGISTERED = False
@@ -164,20 +166,25 @@ def _gemm_codes(table_dtype, weight_dtype, m, f, d) -> tuple[int, int]:
     return gemm_choice.EXACT.codes() if cls is None else gemm_choice.choose(cls, m, f, d).codes()
 
 
-def reduce_items(table, items, weight, bias, gemm: str | None = None):
-    """[K, M, D] = table[items] @ weight.T + bias, in weight's dtype (float32 accumulation).
+def gemm_codes(table, weight, gemm: str | None = None) -> tuple[int, int]:
+    """(forward, weight-gradient) GEMM kind codes for reduce_items.
 
     gemm: None = the measured choice (gemm_choice) where 16-bit GEMMs are allowed, exact
     fp32 else; a kind name (gemm_choice.KINDS) forces it for both directions (a 16-bit
     kind on an exact fp32 table too: that is the caller's explicit decision)."""
     register()
     if gemm is None:
-        codes = _gemm_codes(table.dtype, weight.dtype, int(table.shape[1]), int(table.shape[2]),
-                            int(weight.shape[0]))
-    elif gemm in gemm_choice.KINDS:
-        codes = (gemm_choice.KINDS.index(gemm),) * 2
-    else:
-        raise ValueError(f"gemm must be None or one of {', '.join(gemm_choice.KINDS)}, got {gemm!r}")
+        return _gemm_codes(table.dtype, weight.dtype, int(table.shape[1]), int(table.shape[2]),
+                           int(weight.shape[0]))
+    if gemm in gemm_choice.KINDS:
+        return (gemm_choice.KINDS.index(gemm),) * 2
+    raise ValueError(f"gemm must be None or one of {', '.join(gemm_choice.KINDS)}, got {gemm!r}")
+
+
+def reduce_items(table, items, weight, bias, gemm: str | None = None, codes=None):
+    """[K, M, D] = table[items] @ weight.T + bias, in weight's dtype (float32 accumulation);
+    gemm as in gemm_codes (or the codes themselves)."""
+    codes = codes if codes is not None else gemm_codes(table, weight, gemm)
     return torch.ops.acf_fast.reduce_items(table, items, weight, bias, *codes)
 
 
@@ -200,11 +207,19 @@ def user_vectors(model, user_ids, profile_ids, profile_mask, return_attentions=F
     w = ACFWeights.of(model)
     w.require_full_precision("cpu")
     items, slot_item = _slot_items(profile_ids, profile_mask)
-    r = reduce_items(model.feature_table, items, w.red_w, w.red_b)
+    codes = gemm_codes(model.feature_table, w.red_w)
+    r = reduce_items(model.feature_table, items, w.red_w, w.red_b, codes=codes)
     # one GEMM for both per-item projections: columns [0, H) W2x r, [H, H+D) W1x r. No
     # bias here (it would cost a copy of the [K, M, H + D] output): b2x only ever appears
     # in W2x r + b2x + W2u u + b2u, so it joins b2u; b1x likewise joins b1p.
-    xy = F.linear(r, torch.cat([w.c_wx, w.i_wx]))
+    wxy = torch.cat([w.c_wx, w.i_wx])
+    if codes[0] == BF16 and r.dtype == torch.float32:
+        # Where W_red runs in bf16 these GEMMs (a third of the rest of the step's FLOPs,
+        # over the same K x M rows) do too, forward and backward: R just came out of a bf16
+        # GEMM, so one more rounding of it and of W_xy stays within the same bound.
+        xy = F.linear(r.to(torch.bfloat16), wxy.to(torch.bfloat16)).float()
+    else:
+        xy = F.linear(r, wxy)
     u = F.embedding(user_ids, w.user_emb)
     uc = F.linear(u, w.c_wu, w.c_bu + w.c_bx)
     ut = F.linear(u, w.i_wu, w.i_bu)
