@@ -133,7 +133,7 @@ def measure(cls: str, m: int, f: int, d: int, kinds, rounds: int = 3) -> dict:
 
 def gflops(seconds: dict, m: int, f: int, d: int) -> dict:
     flop = 2.0 * PROBE_ITEMS * m * f * d
-    return {dr: {k: round(flop / s / 1e9, 1) for k, s in per.items()} for dr, per in seconds.items()}
+    return {dr: {k: float(f"{flop / s / 1e9:.4g}") for k, s in per.items()} for dr, per in seconds.items()}
 
 
 # ------------------------------------------------------------------ the cache file
