@@ -218,3 +218,29 @@ def test_info_bad_forced_kind_is_one_line(capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["acf-fast: error: environment variable ACF_FAST_GEMM='fast' is not one of "
                    "auto, fp32, bf16, mkl-bf16"]
+
+
+def test_compiled_model_runs_the_chosen_bf16_gemm(monkeypatch):
+    """Under torch.compile the choice is a constant of the trace (it reads a file and may
+    time GEMMs, which must not be traced): a bf16 table with the bf16 kind gives the eager
+    numbers, scores and W_red's gradient."""
+    from acf_fast.testing import random_batch, random_model
+
+    monkeypatch.setenv("ACF_FAST_GEMM", "bf16")
+    model = random_model(n_users=6, n_items=20, m=5, f=32, d=8, backend="cpu",
+                         feature_dtype=torch.bfloat16)
+    batch = random_batch(model, batch=5, seed=4)
+
+    def scores_and_grad(fn):
+        model.zero_grad(set_to_none=True)
+        pos, neg = fn(*batch)
+        (pos.sum() - neg.sum()).backward()
+        return pos.detach(), model.user_model.feats.dim_reductor.weight.grad.clone()
+
+    eager = scores_and_grad(model)
+    compiled = scores_and_grad(torch.compile(model))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("ACF_FAST_GEMM", "fp32")
+    exact = scores_and_grad(model)
+    assert not torch.equal(exact[0], compiled[0])   # the compiled run did use bf16
