@@ -30,6 +30,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -142,7 +143,9 @@ def cache_path() -> str:
     return os.path.join(base, "acf_fast", "gemm_choice.json")
 
 
+@lru_cache(maxsize=None)
 def cpu_model() -> str:
+    # cached: every forward looks its choice up, and /proc/cpuinfo is long on big machines
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:

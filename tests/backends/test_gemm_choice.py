@@ -182,15 +182,24 @@ def test_model_follows_the_choice(monkeypatch):
 
 
 def test_real_measurement_is_cheap_and_sane():
-    """The measurement on this machine: every candidate timed, positive rates, under 2 s
-    of this thread's CPU time at the benchmark shape (what a first training step pays)."""
+    """The measurement on this machine: every candidate timed, positive rates, and a cost
+    that is the probe's fixed work at the measured rates (a 32-item problem, 4 runs per
+    kind and direction: ~0.3 s on a Zen 5 core), paid once: the next lookup is free. The
+    bounds follow from the measured rates, so no verdict depends on this CPU's speed."""
     start = time.thread_time()
     choice = gc.choose("bf16-table", 49, 2048, 128)
     spent = time.thread_time() - start
     assert choice.source == "measured"
     assert set(choice.gflops["forward"]) == set(gc.candidates("bf16-table"))
     assert all(v > 0 for per in choice.gflops.values() for v in per.values())
-    assert spent < 2.0, f"measuring took {spent:.2f} s of CPU time"
+    flop = 2.0 * gc.PROBE_ITEMS * 49 * 2048 * 128
+    assert 4 * len(gc.candidates("bf16-table")) * 2 * flop <= 30e9      # the probe's work
+    predicted = sum(4 * flop / (rate * 1e9) for per in choice.gflops.values() for rate in per.values())
+    assert spent < 2 * predicted + 1.0, f"measuring took {spent:.2f} s, predicted {predicted:.2f} s"
+    start = time.thread_time()
+    for _ in range(100):
+        assert gc.choose("bf16-table", 49, 2048, 128) is choice
+    assert time.thread_time() - start < 0.1
 
 
 def test_info_subcommand_reports_the_choice(capsys):
