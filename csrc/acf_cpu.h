@@ -9,6 +9,15 @@
 #include <atomic>
 #include <tuple>
 
+// The extension is compiled for the baseline ISA (it must load on any x86-64), where
+// GCC vectorises with 128-bit SSE2 only. Hot element-wise loops get clones for wider
+// units, picked once at load time by the dynamic linker (ifunc); elsewhere a no-op.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define ACF_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define ACF_VECTOR_CLONES
+#endif
+
 namespace acf_fast {
 
 // body(t) for every task t in [0, n), on the intra-op threads, each thread taking the
@@ -25,16 +34,20 @@ void parallel_tasks(int64_t n, const Body& body) {
 }
 
 // R[k] = table[items[k]] @ W^T + b for each distinct item: [K, M, D] in W's dtype.
-// bf16_gemm: multiply a bfloat16 table in bf16 (fp32 accumulation) instead of widening it.
+// gemm: 0 fp32 (exact), 1 bf16 through oneDNN, 2 MKL's bf16 (acf_cpu_reduce.cpp).
 at::Tensor reduce_items_cpu(const at::Tensor& table, const at::Tensor& items,
-                            const at::Tensor& weight, const at::Tensor& bias, bool bf16_gemm);
+                            const at::Tensor& weight, const at::Tensor& bias, int64_t gemm,
+                            int64_t grad_gemm);
+
+// Whether this build can run GEMM kind `gemm` at all (MKL's bf16 needs MKL).
+bool gemm_available_cpu(int64_t gemm);
 
 // (dW [D, F], db [D]) for grad = dL/dR [K, M, D].
 std::tuple<at::Tensor, at::Tensor> reduce_items_backward_cpu(const at::Tensor& grad,
                                                              const at::Tensor& table,
                                                              const at::Tensor& items,
                                                              const at::Tensor& weight,
-                                                             bool bf16_gemm);
+                                                             int64_t gemm);
 
 // Both attention levels and the user vector, per (user, slot), without materialising
 // [B, P, M, H]. xy [K, M, H + D] holds per distinct item W2x r (first H columns) and

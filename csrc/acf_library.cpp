@@ -2,7 +2,8 @@
 // of every op, all in the one TORCH_LIBRARY block below. Each op's kernels live in their
 // own file with that file's TORCH_LIBRARY_IMPL(acf_fast, <dispatch key>, m): a CUDA
 // implementation is a .cu file with TORCH_LIBRARY_IMPL(acf_fast, CUDA, m), no schema edit.
-//   reduce_items, reduce_items_backward      acf_cpu_reduce.cpp
+//   reduce_items, reduce_items_backward,     acf_cpu_reduce.cpp
+//   reduce_gemm_available
 //   acf_attention, acf_attention_backward    acf_cpu_attention.cpp
 // Fake kernels and autograd are registered from Python (acf_fast/backends/cpu.py).
 #include <Python.h>
@@ -28,17 +29,23 @@ namespace acf_fast {
 // the loader compares with the checkout's to detect a stale build.
 std::string source_hash() { return ACF_SOURCE_HASH; }
 
+bool gemm_available_cpu(int64_t gemm);  // acf_cpu_reduce.cpp; no tensor to dispatch on
+
 }  // namespace acf_fast
 
 TORCH_LIBRARY(acf_fast, m) {
   m.def("source_hash() -> str");
   m.impl("source_hash", &acf_fast::source_hash);
 
-  // R [K, M, D] = table[items] W_red^T + b_red per distinct item; backward -> (dW, db)
+  // R [K, M, D] = table[items] W_red^T + b_red per distinct item; backward -> (dW, db).
+  // gemm: the forward's GEMM kind; grad_gemm: the kind its autograd backward uses.
   m.def("reduce_items(Tensor table, Tensor items, Tensor weight, Tensor bias, "
-        "bool bf16_gemm=False) -> Tensor");
+        "int gemm=0, int grad_gemm=0) -> Tensor");
   m.def("reduce_items_backward(Tensor grad, Tensor table, Tensor items, Tensor weight, "
-        "bool bf16_gemm=False) -> (Tensor, Tensor)");
+        "int gemm=0) -> (Tensor, Tensor)");
+  // whether GEMM kind `gemm` (0 fp32, 1 bf16 oneDNN, 2 MKL bf16) exists in this build
+  m.def("reduce_gemm_available(int gemm) -> bool");
+  m.impl("reduce_gemm_available", &acf_fast::gemm_available_cpu);
 
   // both attention levels and the user vector -> (user [B, D], alpha [B, P], beta [B, P, M])
   m.def("acf_attention(Tensor xy, Tensor uc, Tensor ut, Tensor pp, Tensor prof, "

@@ -6,8 +6,8 @@ Plan per batch (cost model: docs/model.md#cost-per-batch):
    the index of its item among them (-1 for padding): acf_fast.backends.planning, the
    planner the triton backend uses too;
 2. R = W_red x + b_red for those items only (acf_fast::reduce_items: chunked gather +
-   GEMM; a 16-bit table is read as 16-bit and widened in cache, or with
-   ACF_FAST_BF16_GEMM=1 multiplied in bf16 with fp32 accumulation);
+   GEMM on the unit acf_fast.backends.gemm_choice measured fastest where 16-bit GEMMs
+   are allowed (a bf16 table; an fp32 one under precision "medium"), exact fp32 else);
 3. the GEMMs that do not depend on the (user, slot) pair, by ATen: [W2x; W1x] R per
    item, W2u u and W1u u per user, W1p p per slot (biases folded where cheapest);
 4. acf_fast::acf_attention: both softmaxes and the user vector, fused per user.
@@ -15,10 +15,10 @@ Autograd runs through ATen for the GEMMs and through the native backwards for 2 
 
 The ops (schemas in csrc/acf_library.cpp, CPU kernels in csrc/acf_cpu_*.cpp):
 
-- acf_fast::reduce_items(table, items, W_red, b_red, bf16_gemm) -> R [K, M, D]:
+- acf_fast::reduce_items(table, items, W_red, b_red, gemm, grad_gemm) -> R [K, M, D]:
   W_red once per distinct item; backward gives (dW_red, db_red) (the table is data).
-  bf16_gemm multiplies a bfloat16 table in bf16 instead of widening it to the compute
-  dtype (see csrc/acf_cpu_reduce.cpp; default from ACF_FAST_BF16_GEMM=1).
+  gemm / grad_gemm: the GEMM kind of the forward / of W_red's gradient (0 fp32, 1 bf16
+  by oneDNN, 2 MKL bf16; csrc/acf_cpu_reduce.cpp).
 - acf_fast::acf_attention(xy, uc, ut, pp, prof, slot_item, w2, c2, w1, c1)
   -> (user [B, D], alpha [B, P], beta [B, P, M]): both attention levels fused;
   backward recomputes from the saved softmaxes alpha and beta.
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..model.reference import score
 from ..model.weights import ACFWeights
 from ..utils import env
-from . import planning
+from . import gemm_choice, planning
 from .source_hash import source_hash
 
 # ------------------------------------------------------------------ loading the extension
@@ -84,24 +84,26 @@ def load(required: bool = True):
     return ops
 
 
+BF16 = gemm_choice.KINDS.index("bf16")
+
 # ------------------------------------------------------------------ fakes and autograd
 
 _REGISTERED = False
 
 
 def _reduce_setup(ctx, inputs, output):
-    table, items, weight, _bias, bf16_gemm = inputs
-    ctx.bf16_gemm = bf16_gemm
+    table, items, weight, _bias, _gemm, grad_gemm = inputs
+    ctx.grad_gemm = grad_gemm
     ctx.save_for_backward(table, items, weight)
 
 
 def _reduce_backward(ctx, grad):
     table, items, weight = ctx.saved_tensors
     if not (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     dw, db = torch.ops.acf_fast.reduce_items_backward(grad.contiguous(), table, items, weight,
-                                                      ctx.bf16_gemm)
-    return None, None, dw, db, None
+                                                      ctx.grad_gemm)
+    return None, None, dw, db, None, None
 
 
 def _attention_setup(ctx, inputs, output):
@@ -132,11 +134,11 @@ def register() -> None:
     load()
 
     @torch.library.register_fake("acf_fast::reduce_items")
-    def _(table, items, weight, bias, bf16_gemm=False):
+    def _(table, items, weight, bias, gemm=0, grad_gemm=0):
         return weight.new_empty((items.shape[0], table.shape[1], weight.shape[0]))
 
     @torch.library.register_fake("acf_fast::reduce_items_backward")
-    def _(grad, table, items, weight, bf16_gemm=False):
+    def _(grad, table, items, weight, gemm=0):
         return weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
 
     @torch.library.register_fake("acf_fast::acf_attention")
@@ -157,17 +159,33 @@ def register() -> None:
     _REGISTERED = True
 
 
-def bf16_gemm_default() -> bool:
-    """ACF_FAST_BF16_GEMM=1: bf16 tables multiply in bf16 (faster only with AMX-class units)."""
-    return env.bf16_gemm()
+@torch.compiler.assume_constant_result
+def _gemm_codes(table_dtype, weight_dtype, m, f, d) -> tuple[int, int]:
+    # a constant to torch.compile: the choice reads a file and may time GEMMs once
+    cls = gemm_choice.precision_class(table_dtype, weight_dtype)
+    return gemm_choice.EXACT.codes() if cls is None else gemm_choice.choose(cls, m, f, d).codes()
 
 
-def reduce_items(table, items, weight, bias, bf16_gemm: bool | None = None):
-    """[K, M, D] = table[items] @ weight.T + bias, in weight's dtype (float32 accumulation)."""
+def gemm_codes(table, weight, gemm: str | None = None) -> tuple[int, int]:
+    """(forward, weight-gradient) GEMM kind codes for reduce_items.
+
+    gemm: None = the measured choice (gemm_choice) where 16-bit GEMMs are allowed, exact
+    fp32 else; a kind name (gemm_choice.KINDS) forces it for both directions (a 16-bit
+    kind on an exact fp32 table too: that is the caller's explicit decision)."""
     register()
-    if bf16_gemm is None:
-        bf16_gemm = bf16_gemm_default()
-    return torch.ops.acf_fast.reduce_items(table, items, weight, bias, bf16_gemm)
+    if gemm is None:
+        return _gemm_codes(table.dtype, weight.dtype, int(table.shape[1]), int(table.shape[2]),
+                           int(weight.shape[0]))
+    if gemm in gemm_choice.KINDS:
+        return (gemm_choice.KINDS.index(gemm),) * 2
+    raise ValueError(f"gemm must be None or one of {', '.join(gemm_choice.KINDS)}, got {gemm!r}")
+
+
+def reduce_items(table, items, weight, bias, gemm: str | None = None, codes=None):
+    """[K, M, D] = table[items] @ weight.T + bias, in weight's dtype (float32 accumulation);
+    gemm as in gemm_codes (or the codes themselves)."""
+    codes = codes if codes is not None else gemm_codes(table, weight, gemm)
+    return torch.ops.acf_fast.reduce_items(table, items, weight, bias, *codes)
 
 
 def acf_attention(xy, uc, ut, pp, prof, slot_item, w2, c2, w1, c1):
@@ -189,11 +207,19 @@ def user_vectors(model, user_ids, profile_ids, profile_mask, return_attentions=F
     w = ACFWeights.of(model)
     w.require_full_precision("cpu")
     items, slot_item = _slot_items(profile_ids, profile_mask)
-    r = reduce_items(model.feature_table, items, w.red_w, w.red_b)
+    codes = gemm_codes(model.feature_table, w.red_w)
+    r = reduce_items(model.feature_table, items, w.red_w, w.red_b, codes=codes)
     # one GEMM for both per-item projections: columns [0, H) W2x r, [H, H+D) W1x r. No
     # bias here (it would cost a copy of the [K, M, H + D] output): b2x only ever appears
     # in W2x r + b2x + W2u u + b2u, so it joins b2u; b1x likewise joins b1p.
-    xy = F.linear(r, torch.cat([w.c_wx, w.i_wx]))
+    wxy = torch.cat([w.c_wx, w.i_wx])
+    if codes[0] == BF16 and r.dtype == torch.float32:
+        # Where W_red runs in bf16 these GEMMs (a third of the rest of the step's FLOPs,
+        # over the same K x M rows) do too, forward and backward: R just came out of a bf16
+        # GEMM, so one more rounding of it and of W_xy stays within the same bound.
+        xy = F.linear(r.to(torch.bfloat16), wxy.to(torch.bfloat16)).float()
+    else:
+        xy = F.linear(r, wxy)
     u = F.embedding(user_ids, w.user_emb)
     uc = F.linear(u, w.c_wu, w.c_bu + w.c_bx)
     ut = F.linear(u, w.i_wu, w.i_bu)

@@ -8,6 +8,7 @@
     acf-fast explain   CHECKPOINT DATA --user U --out fig.png [--images DIR]
     acf-fast extract   IMAGES OUT.h5 --weights resnet50.pth
     acf-fast demo      [--out demo_out]
+    acf-fast info      machine, ISA extensions, the cpu backend's measured GEMM choice
 
 Bad input (missing files or columns, unknown ids, mismatched feature files, a
 checkpoint of another dataset) and a hostile environment (a full disk, a read-only or
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=_BACKENDS, help=_BACKEND_HELP)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, sampling and training")
+    sub.add_parser("info", formatter_class=fmt,
+                   help="machine, ISA extensions and the cpu backend's GEMM choice (measured once)")
     for p in sub.choices.values():   # --threads after the subcommand too
         _add_threads(p)
     return ap
@@ -246,7 +249,11 @@ def run(args) -> int:
         from ..utils.devices import check_device
 
         check_device(args.device)      # one line for every subcommand, before any work
-    if cmd == "synth":
+    if cmd == "info":
+        from .info import report
+
+        print(report())
+    elif cmd == "synth":
         from ..data.synth import synth
 
         s = synth(args.out, n_users=args.users, n_items=args.items, n_concepts=args.concepts,

@@ -5,7 +5,9 @@ after import). Names and meanings:
 
     ACF_FAST_BACKEND          what backend="auto" means ("reference", "cpu", "triton");
                               an explicit backend= argument is never overridden
-    ACF_FAST_BF16_GEMM=1      the cpu backend multiplies a bfloat16 table in bf16
+    ACF_FAST_GEMM             the cpu backend's W_red GEMM where 16-bit GEMMs are allowed:
+                              auto (measure once per machine; default), fp32, bf16 (oneDNN),
+                              mkl-bf16 (acf_fast.backends.gemm_choice)
     ACF_FAST_ALLOW_STALE=1    load a native extension built from other sources than csrc/
     ACF_FAST_VERIFY_CACHE=1   hash-check feature caches of any size (default: up to 1 GiB)
     ACF_FAST_CACHE_DIR        where the caches of read-only feature folders go
@@ -23,7 +25,7 @@ from __future__ import annotations
 import os
 
 BACKEND = "ACF_FAST_BACKEND"
-BF16_GEMM = "ACF_FAST_BF16_GEMM"
+GEMM = "ACF_FAST_GEMM"
 ALLOW_STALE = "ACF_FAST_ALLOW_STALE"
 VERIFY_CACHE = "ACF_FAST_VERIFY_CACHE"
 DETERMINISTIC = "ACF_FAST_DETERMINISTIC"
@@ -68,8 +70,8 @@ def auto_backend() -> str | None:
     return text(BACKEND)
 
 
-def bf16_gemm() -> bool:
-    return flag(BF16_GEMM)
+def gemm_kind() -> str | None:
+    return text(GEMM)
 
 
 def allow_stale_extension() -> bool:
