@@ -263,6 +263,16 @@ def load_feature_table(path: str | os.PathLike, dtype: torch.dtype = torch.float
     return _open_cache(dest, dtype, verify)
 
 
+def feature_count(path: str | os.PathLike) -> int:
+    """Items in a feature file, its layout checked (format, shape, names), without reading
+    its rows or building a cache: the cache is built by the step that uses the table, in
+    the dtype it uses (a bf16 workflow never writes the float32 one)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"feature file not found: {path}")
+    return _converter(path)(path, torch.float32, lambda dtype, n, m, f, blocks, meta: n)
+
+
 def feature_names(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> list[str]:
     """Item names (file names) stored with a feature file's cache, row i-1 for item id i
     (read from the source itself when it has no cache)."""
