@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..utils import env
+from ..utils.progress import bar as tqdm
 from . import feature_cache as fc
 from .feature_sources import convert_h5 as _convert_h5
 from .feature_sources import convert_npy as _convert_npy
@@ -44,6 +45,7 @@ SUPPORTED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bf
 _NP_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 CACHE_VERSION = fc.VERSION
 CACHE_DIR = "ACF_FAST_CACHE_DIR"  # where caches of read-only feature folders go
+PROGRESS_BYTES = 256 * 2**20      # sources from this size (as float32) show a bar while converted
 # a folder the cache cannot be written to: read-only or not ours; or full
 _UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 _FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -171,12 +173,18 @@ def _write_cache(dest: Path, key: str, dtype: torch.dtype, n_items: int, m: int,
     name = _dtype_name(dtype)
     source = Path(meta["source"])
 
+    # converting the real 13 GB source takes minutes: say so (small tables stay quiet)
+    quiet = n_items * m * f * 4 < PROGRESS_BYTES
+
     def rows():
-        for first, block in _converted(blocks, dtype, source):
-            if name == "bfloat16":   # its bits, stored as uint16
-                yield first, block.contiguous().view(torch.int16).numpy().view(np.uint16)
-            else:
-                yield first, block.contiguous().numpy()
+        with tqdm(total=n_items, desc=f"feature cache ({name}) of {source.name}", unit="item",
+                  disable=quiet, leave=False) as bar:
+            for first, block in _converted(blocks, dtype, source):
+                if name == "bfloat16":   # its bits, stored as uint16
+                    yield first, block.contiguous().view(torch.int16).numpy().view(np.uint16)
+                else:
+                    yield first, block.contiguous().numpy()
+                bar.update(len(block))
 
     return fc.write_entry(dest, (n_items + 1, m, f), np.dtype(_NP_STORAGE[name]), rows(),
                           {**meta, "dtype": name, "source_key": key},
