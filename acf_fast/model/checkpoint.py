@@ -151,6 +151,17 @@ def recorded_feature_dtype(ckpt: dict, name="the checkpoint") -> str:
                          "(--feature-dtype)") from None
 
 
+def resume_feature_dtype(last, asked=None) -> str:
+    """The feature dtype to resume the run of checkpoint `last` in: the one it was trained
+    with (a resumed bf16 run goes on reading bf16 features). Another one, asked for, is
+    refused now, before the table is read (and its cache built) in it."""
+    run = recorded_feature_dtype(read_checkpoint(last), last)
+    if asked is not None and feature_dtype_name(asked) != run:
+        raise ValueError(f"cannot resume {last}: it was trained with feature_dtype={run!r}, this "
+                         f"run asks for feature_dtype={feature_dtype_name(asked)!r}")
+    return run
+
+
 def choose_feature_dtype(ckpt: dict, override=None, name="the checkpoint") -> torch.dtype:
     """The dtype to read the feature table in: `override` when given (a notice when it is not
     the one the model was trained with), else the checkpoint's own."""

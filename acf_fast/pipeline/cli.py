@@ -264,16 +264,15 @@ def _ks(text: str) -> tuple[int, ...]:
 
 
 def _train_dtype(args) -> str:
-    """--feature-dtype, else with --resume the dtype OUT/last.pt was trained with, else float32:
-    a resumed bf16 run goes on reading bf16 features."""
-    if args.feature_dtype is not None or not args.resume:
-        return args.feature_dtype or "float32"
+    """--feature-dtype; with --resume, checked against (or else) the dtype of OUT/last.pt."""
     from pathlib import Path
 
-    from ..model.checkpoint import read_checkpoint, recorded_feature_dtype
+    from ..model.checkpoint import resume_feature_dtype
 
     last = Path(args.out) / "last.pt"
-    return recorded_feature_dtype(read_checkpoint(last), last) if last.is_file() else "float32"
+    if args.resume and last.is_file():
+        return resume_feature_dtype(last, args.feature_dtype)
+    return args.feature_dtype or "float32"
 
 
 def run(args) -> int:

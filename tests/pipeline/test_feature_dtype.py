@@ -114,7 +114,7 @@ def test_a_checkpoint_without_a_recorded_dtype_reads_float32(bf16_run, tmp_path,
     assert set(log.seen) == {torch.float32}
 
 
-def test_resume_goes_on_in_the_runs_dtype(bf16_run, tmp_path, capsys):
+def test_resume_goes_on_in_the_runs_dtype(bf16_run, tmp_path, capsys, monkeypatch):
     """`train --resume` without --feature-dtype continues a bf16 run in bf16; asking for
     another dtype than the run's is refused, like any setting a resume must keep."""
     root, _, _ = bf16_run
@@ -124,6 +124,8 @@ def test_resume_goes_on_in_the_runs_dtype(bf16_run, tmp_path, capsys):
     assert cli_main(["train", *common, "--epochs", "2", "--resume"]) == 0
     assert read_checkpoint(run / "last.pt")["feature_dtype"] == "bfloat16"
     capsys.readouterr()
+    log = DtypeLog(monkeypatch)
     line = cli_error(capsys, ["train", *common, "--epochs", "3", "--resume",
                               "--feature-dtype", "float32"])
     assert "feature_dtype='bfloat16'" in line and "feature_dtype='float32'" in line
+    assert log.seen == []            # refused before the table was read (or cached) in float32
