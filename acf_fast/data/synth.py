@@ -248,6 +248,7 @@ def synth(out_dir, config: SynthConfig | None = None, progress: bool = True, **o
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a folder: give a folder path for the synthetic data")
+    earlier = (out / "synth.json").is_file()     # an earlier synth's folder: its files are ours
     out.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     check_space(out, cfg.n_items, cfg.feature_dim, cfg.formats)
@@ -255,15 +256,15 @@ def synth(out_dir, config: SynthConfig | None = None, progress: bool = True, **o
     concept_vecs = _concept_vectors(rng, cfg.n_concepts, cfg.feature_dim)
     item_concepts, cell_concept = _place_concepts(rng, cfg.n_items, cfg.n_concepts)
     names = [f"item_{i:06d}.png" for i in range(cfg.n_items)]
-    bar = tqdm(total=cfg.n_items, desc=f"synth: features ({','.join(cfg.formats)})", unit="item",
-               disable=not progress)
     with FeatureFiles(out, names, cfg.feature_dim, cfg.formats) as files:   # published at the end
-        for first, block in _feature_blocks(rng, cfg, cell_concept, concept_vecs):
-            files.write(first, block)
-            bar.update(len(block))
-        bar.close()
+        with tqdm(total=cfg.n_items, desc=f"synth: features ({','.join(cfg.formats)})",
+                  unit="item", disable=not progress) as bar:
+            for first, block in _feature_blocks(rng, cfg, cell_concept, concept_vecs):
+                files.write(first, block)
+                bar.update(len(block))
         user, item, time, user_concepts = _interactions(rng, cfg, item_concepts)
-    files.remove_others()
+    if earlier:   # never in a folder of someone else's files: their features.h5 is not ours
+        files.remove_others()
 
     inter_path = out / "interactions.csv"
 

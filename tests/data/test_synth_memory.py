@@ -67,6 +67,15 @@ def test_only_the_formats_asked_for_are_written(tmp_path):
         S.synth(tmp_path / "x", formats=("csv",), **kw)
 
 
+def test_a_folder_not_written_by_synth_keeps_its_other_files(tmp_path):
+    """Only an earlier synth's feature files are removed: someone's own features.h5 stays."""
+    theirs = tmp_path / "features.h5"
+    theirs.write_bytes(b"not ours")
+    S.synth(tmp_path, n_users=10, n_items=20, feature_dim=4, images=False, progress=False,
+            formats=("npy",))
+    assert theirs.read_bytes() == b"not ours"
+
+
 def test_same_data_in_both_formats_and_as_before_in_blocks(tmp_path):
     """Blocks of the stream (512 items) and of the writes (rows_per_write) do not change it:
     the features equal those of the whole-array generator the stream was defined by."""
