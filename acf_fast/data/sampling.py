@@ -255,11 +255,18 @@ def _evaluation_rows(split: Split):
                join_ids(split.train_items[lo:hi]))
 
 
-def feature_item_count(features_path) -> int:
-    """Number of items in a feature file (builds the memory-mappable cache on the way)."""
-    from ..model.features import load_feature_table
+def feature_item_count(features_path, feature_dtype=None) -> int:
+    """Number of items in a feature file. With `feature_dtype` (a name or torch dtype), its
+    cache in that dtype is built on the way (every row read and checked now, and the first
+    `train` in that dtype maps it at once); without, only the file's layout is read, and
+    no cache of a dtype nobody may use is written."""
+    from ..model import features as F
+    from ..model.checkpoint import FEATURE_DTYPES, feature_dtype_name
 
-    return int(load_feature_table(features_path).shape[0]) - 1
+    if feature_dtype is None:
+        return F.feature_count(features_path)
+    dtype = FEATURE_DTYPES[feature_dtype_name(feature_dtype)]
+    return int(F.load_feature_table(features_path, dtype).shape[0]) - 1
 
 
 def validation_count(n_train: int) -> int:
@@ -269,7 +276,7 @@ def validation_count(n_train: int) -> int:
 
 def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_validation: int | None = None,
             seed: int = 0, holdout_baskets: int = HOLDOUT_BASKETS, progress: bool = True,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, feature_dtype=None) -> dict:
     """Run the tutorial protocol; write the three CSVs, history.npz and dataset.json into out_dir.
 
     out_dir is written whole or not at all (a temporary sibling folder renamed into place),
@@ -278,8 +285,9 @@ def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_valida
     match); a non-empty folder of other files is always refused. User ids must be dense
     (`formats.check_user_ids`) and timestamps finite.
 
-    `features` (the tutorial's .npy or .h5) fixes the catalogue size N and is converted
-    to the feature cache; interactions naming an item id >= N are refused.
+    `features` (the tutorial's .npy or .h5) fixes the catalogue size N; interactions naming
+    an item id >= N are refused. Its cache is built in `feature_dtype` when given, else by
+    the first step that reads the table, in the dtype that step uses.
 
     Triplet counts (docs/sampling.md#triplet-quotas): every user gets ceil(n_train / n_users)
     training and ceil(n_validation / n_users) validation triplets (n_validation default:
@@ -305,7 +313,7 @@ def prepare(interactions, features, out_dir, n_train: int = 10_000_000, n_valida
     features = Path(features)
     if not features.exists():
         raise FileNotFoundError(f"feature file not found: {features}")
-    n_items = feature_item_count(features)
+    n_items = feature_item_count(features, feature_dtype)
     try:
         inter = read_interactions(interactions, n_items=n_items)
     except ValueError as exc:

@@ -2,11 +2,17 @@
 
 Written in the tutorial's own formats so the real loading path runs:
   interactions.csv    user_id,item_id,timestamp   (0-based ids; baskets share a timestamp)
-  features.npy        object array (N, 2): [file name, float32 (F, 7, 7)]
-  features.h5         image_filenames, resnet50/layer4 (N, F, 7, 7)
+  features.h5         image_filenames, resnet50/layer4 (N, F, 7, 7) float32     (formats "h5")
+  features.npy        a plain float32 (N, F, 7, 7) array, and features.names.txt (formats "npy")
   planted.npz         the ground truth: concepts per item, planted cells, user tastes
   images/             optional tiny PNGs (one per item) so `explain` can draw overlays
   synth.json          the configuration used
+
+Only the feature formats asked for are written (default: the .h5 alone; each file is
+N x F x 49 x 4 bytes, 13.2 GB at the Wikimedia sizes), a block of items at a time as they
+are generated (data.feature_files): memory is bounded by one 512-item block of float64
+noise, whatever N is (0.4 GB at F = 2048). The random stream is the one the generator drew
+when it built the whole array, so a seed gives the same data as before.
 
 The planted structure, and why it is shaped this way:
 - C visual concepts, each a sparse non-negative direction in feature space (layer4
@@ -33,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..utils.progress import bar as tqdm
+from .feature_files import FORMATS, FeatureFiles, check_space, clean_stale, parse_formats, rows_per_write
 
 GRID = 7
 M = GRID * GRID
@@ -57,6 +64,7 @@ class SynthConfig:
     images: bool = True          # tiny PNGs (needs Pillow)
     image_cell_px: int = 8
     seed: int = 0
+    formats: tuple = ("h5",)     # feature files: "h5" and/or "npy" (data.feature_files)
 
 
 def _concept_vectors(rng, n_concepts: int, dim: int) -> np.ndarray:
@@ -85,23 +93,39 @@ def _place_concepts(rng, n_items: int, n_concepts: int):
     return item_concepts, cell_concept
 
 
-def _features(rng, cfg: SynthConfig, cell_concept, concept_vecs) -> np.ndarray:
-    """[N, F, 7, 7] float32, non-negative."""
+BLOCK_ITEMS = 512   # items per draw of their random numbers: the stream depends on it, keep it
+
+
+def _feature_blocks(rng, cfg: SynthConfig, cell_concept, concept_vecs):
+    """Yield (first item, float32 [b, F, 7, 7]), non-negative, b <= rows_per_write(F).
+
+    The draws are made per BLOCK_ITEMS items in one order (shades, noise, strengths), as
+    when the whole [N, M, F] array was built; the arithmetic is the same per element, so
+    the values are identical, but only one block's float64 noise is held at a time."""
     n, dim = cell_concept.shape[0], cfg.feature_dim
     textures = np.abs(rng.normal(0.0, 1.0, size=(cfg.n_textures, dim))).astype(np.float32)
     textures /= np.linalg.norm(textures, axis=1, keepdims=True)
     texture_of = rng.integers(0, cfg.n_textures, size=n)
-    feats = np.empty((n, M, dim), dtype=np.float32)
-    for s in range(0, n, 512):
-        e = min(n, s + 512)
-        base = textures[texture_of[s:e]][:, None, :] * rng.uniform(0.5, 1.0, size=(e - s, M, 1))
-        noise = np.abs(rng.normal(0.0, 0.15, size=(e - s, M, dim)))
-        cc = cell_concept[s:e]
-        planted = cc >= 0
+    rows = rows_per_write(dim)
+    noise = np.empty((min(n, BLOCK_ITEMS), M, dim))          # reused by every block
+    for s in range(0, n, BLOCK_ITEMS):
+        e = min(n, s + BLOCK_ITEMS)
+        shade = rng.uniform(0.5, 1.0, size=(e - s, M, 1))
+        z = noise[:e - s]
+        rng.standard_normal(out=z)       # rng.normal(0, 0.15) draws these, times 0.15
+        z *= 0.15
+        np.abs(z, out=z)
         strength = cfg.concept_strength * rng.uniform(0.8, 1.2, size=(e - s, M, 1))
-        obj = np.where(planted[..., None], concept_vecs[np.maximum(cc, 0)] * strength, 0.0)
-        feats[s:e] = np.where(planted[..., None], obj, base) + noise
-    return np.ascontiguousarray(feats.transpose(0, 2, 1).reshape(n, dim, GRID, GRID))
+        for a in range(s, e, rows):
+            b = min(e, a + rows)
+            r = slice(a - s, b - s)
+            cc = cell_concept[a:b]
+            grid = textures[texture_of[a:b]][:, None, :] * shade[r]          # background
+            np.copyto(grid, concept_vecs[np.maximum(cc, 0)] * strength[r], where=(cc >= 0)[..., None])
+            grid += z[r]                                                     # [b, M, F] float64
+            # [b, F, M] float32 in one copy (the cast rounds as assigning into float32 did)
+            yield a, np.ascontiguousarray(grid.transpose(0, 2, 1), dtype=np.float32).reshape(
+                b - a, dim, GRID, GRID)
 
 
 def _activity(rng, cfg: SynthConfig) -> np.ndarray:
@@ -142,7 +166,8 @@ def _interactions(rng, cfg: SynthConfig, item_concepts):
     return (np.concatenate(users), np.concatenate(items), np.concatenate(times), user_concepts)
 
 
-def _write_images(folder: Path, names, cell_concept, texture_rgb, concept_rgb, cell_px, rng) -> None:
+def _write_images(folder: Path, names, cell_concept, texture_rgb, concept_rgb, cell_px, rng,
+                  progress: bool = False) -> None:
     try:
         from PIL import Image
     except ImportError as exc:
@@ -150,7 +175,7 @@ def _write_images(folder: Path, names, cell_concept, texture_rgb, concept_rgb, c
                            "(or pass images=False / --no-images)") from exc
     folder.mkdir(parents=True, exist_ok=True)
     size = GRID * cell_px
-    for i, name in enumerate(names):
+    for i, name in enumerate(tqdm(names, desc="synth: images", unit="image", disable=not progress)):
         grid = np.where(cell_concept[i, :, None] >= 0, concept_rgb[np.maximum(cell_concept[i], 0)],
                         texture_rgb[i][None, :])
         img = np.repeat(np.repeat(grid.reshape(GRID, GRID, 3), cell_px, 0), cell_px, 1)
@@ -168,22 +193,13 @@ def _atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
-def write_features(out: Path, names, feats: np.ndarray) -> tuple[Path, Path]:
-    """The tutorial's two layouts: .npy object array and .h5."""
-    import h5py
-
-    obj = np.empty((len(names), 2), dtype=object)
-    for i, name in enumerate(names):
-        obj[i, 0], obj[i, 1] = name, feats[i]
-    npy, h5 = out / "features.npy", out / "features.h5"
-    _atomic(npy, lambda p: np.save(p, obj, allow_pickle=True))
-
-    def write_h5(p):
-        with h5py.File(p, "w") as fh:
-            fh.create_dataset("image_filenames", data=np.array(names, dtype="S"))
-            fh.create_dataset("resnet50/layer4", data=feats, chunks=(min(256, len(names)), *feats.shape[1:]))
-    _atomic(h5, write_h5)
-    return npy, h5
+def write_features(out: Path, names, feats: np.ndarray, formats=FORMATS):
+    """An in-memory [N, F, 7, 7] array as feature files: (the .npy's path, the .h5's path),
+    None for a format not asked for."""
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    with FeatureFiles(out, names, feats.shape[1], formats) as files:
+        files.write(0, feats)
+    return files.paths.get("npy"), files.paths.get("h5")
 
 
 def _check(name: str, value, ok: bool, valid: str) -> None:
@@ -215,6 +231,7 @@ def _validate(cfg: SynthConfig) -> None:
     for name in ("noise_rate", "heavy_fraction"):
         v = getattr(cfg, name)
         _check(name, v, real(v) and 0 <= v <= 1, "in [0, 1]")
+    cfg.formats = parse_formats(cfg.formats)
 
 
 def synth(out_dir, config: SynthConfig | None = None, progress: bool = True, **overrides) -> dict:
@@ -229,17 +246,25 @@ def synth(out_dir, config: SynthConfig | None = None, progress: bool = True, **o
         raise ValueError(f"need n_concepts >= max(3, concepts_per_user); got n_concepts={cfg.n_concepts}, "
                          f"concepts_per_user={cfg.concepts_per_user}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder: give a folder path for the synthetic data")
+    earlier = (out / "synth.json").is_file()     # an earlier synth's folder: its files are ours
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    check_space(out, cfg.n_items, cfg.feature_dim, cfg.formats)
     rng = np.random.default_rng(cfg.seed)
-    steps = tqdm(total=5, desc="synth", disable=not progress)
     concept_vecs = _concept_vectors(rng, cfg.n_concepts, cfg.feature_dim)
     item_concepts, cell_concept = _place_concepts(rng, cfg.n_items, cfg.n_concepts)
-    steps.update()
-    feats = _features(rng, cfg, cell_concept, concept_vecs)
-    steps.update()
-    user, item, time, user_concepts = _interactions(rng, cfg, item_concepts)
-    steps.update()
     names = [f"item_{i:06d}.png" for i in range(cfg.n_items)]
+    with FeatureFiles(out, names, cfg.feature_dim, cfg.formats) as files:   # published at the end
+        with tqdm(total=cfg.n_items, desc=f"synth: features ({','.join(cfg.formats)})",
+                  unit="item", disable=not progress) as bar:
+            for first, block in _feature_blocks(rng, cfg, cell_concept, concept_vecs):
+                files.write(first, block)
+                bar.update(len(block))
+        user, item, time, user_concepts = _interactions(rng, cfg, item_concepts)
+    if earlier:   # never in a folder of someone else's files: their features.h5 is not ours
+        files.remove_others()
 
     inter_path = out / "interactions.csv"
 
@@ -248,8 +273,6 @@ def synth(out_dir, config: SynthConfig | None = None, progress: bool = True, **o
             fh.write("user_id,item_id,timestamp\n")
             np.savetxt(fh, np.stack([user, item, time], 1), fmt="%d", delimiter=",")
     _atomic(inter_path, write_inter)
-    npy, h5 = write_features(out, names, feats)
-    steps.update()
     _atomic(out / "planted.npz", lambda p: np.savez(
         p, item_concepts=item_concepts, cell_concept=cell_concept, planted_cells=cell_concept >= 0,
         user_concepts=user_concepts, concept_vectors=concept_vecs))
@@ -258,18 +281,18 @@ def synth(out_dir, config: SynthConfig | None = None, progress: bool = True, **o
         concept_rgb = img_rng.uniform(40, 255, size=(cfg.n_concepts, 3))
         texture_rgb = img_rng.uniform(90, 160, size=(cfg.n_items, 1)).repeat(3, 1)
         _write_images(out / "images", names, cell_concept, texture_rgb, concept_rgb,
-                      cfg.image_cell_px, img_rng)
-    steps.update()
-    steps.close()
+                      cfg.image_cell_px, img_rng, progress)
     per_user = np.bincount(user, minlength=cfg.n_users)
+    path_of = {f: str(p) for f, p in files.paths.items()}
     summary = {
-        "config": asdict(cfg), "interactions": str(inter_path), "features_npy": str(npy),
-        "features_h5": str(h5), "planted": str(out / "planted.npz"),
+        "config": asdict(cfg), "interactions": str(inter_path), "formats": list(cfg.formats),
+        "features_npy": path_of.get("npy"), "features_h5": path_of.get("h5"),
+        "planted": str(out / "planted.npz"),
         "images": str(out / "images") if cfg.images else None,
         "n_interactions": int(user.size), "median_interactions_per_user": float(np.median(per_user)),
         "max_interactions_per_user": int(per_user.max()),
     }
-    (out / "synth.json").write_text(json.dumps(summary, indent=2))
+    _atomic(out / "synth.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
     return summary
 
 

@@ -23,6 +23,7 @@ from ..data.formats import EvaluationGroups, profiles_to_matrix
 from ..data.history import UserHistory
 from ..data.prepared import PreparedDataset
 from ..model.acf import ACF, load_model
+from ..model.checkpoint import choose_feature_dtype, read_checkpoint
 from ..model.scoring import catalogue_columns, rank_targets
 from ..utils.outputs import check_output_folder
 from ..utils.progress import bar as tqdm
@@ -142,18 +143,23 @@ def evaluate(checkpoint, data_dir, out_dir=None, features=None, ks=KS,
              protocols=("tutorial", "standard"), max_profile_size: int | None = None,
              memory_mb: float = 256, backend: str = "auto", device: str = "cpu",
              plot: bool = True, progress: bool = True, print_table: bool = True,
-             check_dataset: bool = True) -> dict:
+             check_dataset: bool = True, feature_dtype=None) -> dict:
     """Evaluate a checkpoint on `naive-user-evaluation.csv`; write metrics.json/.csv and a PNG.
 
     A checkpoint trained on another dataset (its recorded fingerprint) is refused unless
-    check_dataset=False; `out_dir` is checked (a writable folder) before any work."""
+    check_dataset=False; `out_dir` is checked (a writable folder) before any work. The
+    features are read in the dtype the checkpoint was trained with, or `feature_dtype`."""
     data = PreparedDataset(data_dir)
     if out_dir is not None and distributed.is_main():
         check_output_folder(out_dir, "--out folder", keep=False)
-    device = distributed.init_distributed(device).device    # cuda:LOCAL_RANK under torchrun
-    distributed.prepare_feature_cache(data.features(features))   # built once, then mapped
+    ctx = distributed.init_distributed(device)
+    device = ctx.device                                       # cuda:LOCAL_RANK under torchrun
+    if ctx.is_distributed:    # the cache, in the model's dtype, built once and then mapped
+        dtype = choose_feature_dtype(read_checkpoint(checkpoint), feature_dtype, checkpoint)
+        distributed.prepare_feature_cache(data.features(features), dtype)
     model = load_model(checkpoint, data.features(features), backend, device, data.n_users,
-                       data.n_items, dataset=data, check_dataset=check_dataset)
+                       data.n_items, dataset=data, check_dataset=check_dataset,
+                       feature_dtype=feature_dtype)
     groups = data.evaluation()
     history = data.history() if "standard" in protocols else None
     if max_profile_size is None:

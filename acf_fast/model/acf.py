@@ -216,12 +216,14 @@ class ACF(BatchChecks, nn.Module):
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device=None, force_h5=False, *, feature_path=None,
-                        features=None, feature_dtype=torch.float32, backend="auto",
+                        features=None, feature_dtype=None, backend="auto",
                         map_location="cpu", n_users=None, n_items=None, dataset=None,
                         check_dataset=True):
         """Build from a checkpoint {epoch, loss, model_args, state_dict, optimizer} (a dict
         or a path), the tutorial's or acf_fast's. device / force_h5: as the tutorial's.
         feature_path / features override the checkpoint's feature_path.
+        feature_dtype: the table's dtype; None (default) reads the one the checkpoint was
+        trained with (float32 for checkpoints that record none).
 
         n_users / n_items: the dataset the model is about to see. A checkpoint of another
         dataset is refused before the feature table is read (which would otherwise fail
@@ -283,7 +285,8 @@ def _from_checkpoint(cls, checkpoint, dataset, check_dataset, *, n_users, n_item
         check_checkpoint_dataset(ckpt, dataset, name)
     verified = {k: v for k, v in ckpt.items() if k != CHECKSUM_KEY}   # not hashed a second time
     try:
-        return build_from_checkpoint(cls, verified, n_users=n_users, n_items=n_items, **kwargs)
+        return build_from_checkpoint(cls, verified, n_users=n_users, n_items=n_items, name=name,
+                                     **kwargs)
     except RuntimeError as exc:
         if "state_dict" not in str(exc):
             raise
@@ -293,9 +296,10 @@ def _from_checkpoint(cls, checkpoint, dataset, check_dataset, *, n_users, n_item
 
 
 def load_model(checkpoint, features, backend, device, n_users=None, n_items=None, *, dataset=None,
-               check_dataset=True) -> ACF:
+               check_dataset=True, feature_dtype=None) -> ACF:
     """A trained model in eval mode, checked against the dataset it is about to score
-    (its sizes, and with `dataset` its fingerprint unless check_dataset=False)."""
+    (its sizes, and with `dataset` its fingerprint unless check_dataset=False); its feature
+    table in the dtype it was trained with unless `feature_dtype` says otherwise."""
     return ACF.from_checkpoint(checkpoint, feature_path=features, backend=backend, device=device,
                                n_users=n_users, n_items=n_items, dataset=dataset,
-                               check_dataset=check_dataset).eval()
+                               check_dataset=check_dataset, feature_dtype=feature_dtype).eval()

@@ -6,6 +6,7 @@ import hashlib
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from ..utils.safe_pickle import Refused, check_numeric, refusal_message, torch_s
 
 REQUIRED_KEYS = ("state_dict",)
 CHECKSUM_KEY = "acf_fast_checksum"
+FEATURE_DTYPE_KEY = "feature_dtype"      # the dtype of the table the model was trained on
+FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _digest_into(h, value) -> None:
@@ -115,9 +118,61 @@ def make_checkpoint(model, optimizer=None, epoch=0, loss=float("nan"), **extra) 
         "state_dict": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
     }
+    table = getattr(model, "feature_table", None)
+    names = {v: k for k, v in FEATURE_DTYPES.items()}
+    if table is not None and table.dtype in names:   # evaluate / recommend / explain follow it
+        ckpt[FEATURE_DTYPE_KEY] = names[table.dtype]
     ckpt.update(extra)
     ckpt[CHECKSUM_KEY] = checksum(ckpt)
     return ckpt
+
+
+def feature_dtype_name(value) -> str:
+    """'float32' / 'float16' / 'bfloat16' from such a name or a torch dtype; ValueError else."""
+    names = {v: k for k, v in FEATURE_DTYPES.items()}
+    if isinstance(value, torch.dtype) and value in names:
+        return names[value]
+    if isinstance(value, str) and value in FEATURE_DTYPES:
+        return value
+    raise ValueError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, got {value!r}")
+
+
+def recorded_feature_dtype(ckpt: dict, name="the checkpoint") -> str:
+    """The feature dtype a checkpoint was trained with: its `feature_dtype`, else its
+    train_config's, else float32 (older checkpoints and the tutorial's, which train on it)."""
+    value = ckpt.get(FEATURE_DTYPE_KEY)
+    if value is None:
+        value = (ckpt.get("train_config") or {}).get("feature_dtype", "float32")
+    try:
+        return feature_dtype_name(value)
+    except ValueError:
+        raise ValueError(f"{name} records the feature dtype {value!r}, which is none of "
+                         f"{', '.join(FEATURE_DTYPES)}: the file is damaged; pass the dtype "
+                         "(--feature-dtype)") from None
+
+
+def resume_feature_dtype(last, asked=None) -> str:
+    """The feature dtype to resume the run of checkpoint `last` in: the one it was trained
+    with (a resumed bf16 run goes on reading bf16 features). Another one, asked for, is
+    refused now, before the table is read (and its cache built) in it."""
+    run = recorded_feature_dtype(read_checkpoint(last), last)
+    if asked is not None and feature_dtype_name(asked) != run:
+        raise ValueError(f"cannot resume {last}: it was trained with feature_dtype={run!r}, this "
+                         f"run asks for feature_dtype={feature_dtype_name(asked)!r}")
+    return run
+
+
+def choose_feature_dtype(ckpt: dict, override=None, name="the checkpoint") -> torch.dtype:
+    """The dtype to read the feature table in: `override` when given (a notice when it is not
+    the one the model was trained with), else the checkpoint's own."""
+    trained = recorded_feature_dtype(ckpt, name)
+    if override is None:
+        return FEATURE_DTYPES[trained]
+    asked = feature_dtype_name(override)
+    if asked != trained:
+        print(f"acf_fast: reading {asked} features for a model trained on {trained} ones "
+              f"({name}), as asked", file=sys.stderr)
+    return FEATURE_DTYPES[asked]
 
 
 def save_checkpoint(ckpt: dict, path) -> Path:
@@ -144,15 +199,17 @@ def save_checkpoint(ckpt: dict, path) -> Path:
 
 
 def build_from_checkpoint(cls, checkpoint, *, device=None, force_h5=False, feature_path=None,
-                          features=None, feature_dtype=torch.float32, backend="auto",
-                          map_location="cpu", n_users=None, n_items=None):
-    """`cls.from_checkpoint` (cls: ACF): the model a checkpoint describes, its state loaded."""
+                          features=None, feature_dtype=None, backend="auto",
+                          map_location="cpu", n_users=None, n_items=None, name=None):
+    """`cls.from_checkpoint` (cls: ACF): the model a checkpoint describes, its state loaded.
+    feature_dtype None: the one the checkpoint records (choose_feature_dtype)."""
     if device is not None:
         check_device(device)
     ckpt = read_checkpoint(checkpoint, map_location=map_location)
     args = dict(ckpt.get("model_args") or {})
     state = ckpt["state_dict"]
-    name = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "the checkpoint"
+    name = name or (checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "the checkpoint")
+    feature_dtype = choose_feature_dtype(ckpt, feature_dtype, name)
     for what, key, expected in (("users", "user_model.user_embedding.weight", n_users),
                                 ("items", "item_model.weight", n_items)):
         if expected is not None and key in state:

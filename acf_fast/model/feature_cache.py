@@ -214,19 +214,19 @@ def _human(n: int | None) -> str:
     return "unknown" if n is None else f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def no_space(folder: Path, size: int) -> OSError:
+def no_space(folder: Path, size: int, what: str = "the feature cache") -> OSError:
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         free = None
-    return OSError(errno.ENOSPC, f"no space for the feature cache in {folder}: it needs "
+    return OSError(errno.ENOSPC, f"no space for {what} in {folder}: it needs "
                                  f"{_human(size)} ({size} bytes), {_human(free)} free")
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _reserve(fd: int, size: int, folder: Path) -> None:
+def reserve(fd: int, size: int, folder: Path, what: str = "the feature cache") -> None:
     """Allocate the whole file before writing: a full disk fails here, at once."""
     if not hasattr(os, "posix_fallocate"):
         return
@@ -234,13 +234,13 @@ def _reserve(fd: int, size: int, folder: Path) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         if exc.errno in _FULL:
-            raise no_space(folder, size) from None
+            raise no_space(folder, size, what) from None
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
         # this file system cannot reserve: a full disk still fails write() with ENOSPC
 
 
-def _npy_header(storage: np.dtype, shape: tuple) -> bytes:
+def npy_header(storage: np.dtype, shape: tuple) -> bytes:
     out = io.BytesIO()
     np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(storage),
                                                "fortran_order": False, "shape": shape})
@@ -264,7 +264,7 @@ def write_entry(dest: Path, shape: tuple, storage: np.dtype, rows, meta: dict,
     folder = dest.parent
     folder.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(folder)  # before reserving: frees the space dead conversions held
-    header = _npy_header(storage, shape)
+    header = npy_header(storage, shape)
     row_bytes = math.prod(shape[1:]) * storage.itemsize
     data_end = len(header) + shape[0] * row_bytes
     meta = {**meta, "version": VERSION, "shape": list(shape), "storage": storage.str}
@@ -276,7 +276,7 @@ def write_entry(dest: Path, shape: tuple, storage: np.dtype, rows, meta: dict,
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         created = True
         with open(fd, "wb") as fh:
-            _reserve(fd, size, folder)
+            reserve(fd, size, folder)
             h = hashlib.sha256()
             for chunk in (header, bytes(row_bytes)):
                 h.update(chunk)

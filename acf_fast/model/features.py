@@ -1,5 +1,9 @@
 """Feature store: the tutorial's `.npy` / `.h5` ResNet50 layer4 grids as one table.
 
+Sources (read by `feature_sources`): the tutorial's `.npy` object array [name, (F, 7, 7)],
+a plain float `.npy` array (N, F, 7, 7) (names in `STEM.names.txt` beside it, as `synth`
+writes), and the `.h5` (`resnet50/layer4`, `image_filenames`).
+
 The table is [N+1, M, F] (M = 49 grid cells, row h*7+w; F = 2048 channels) with an
 all-zero row 0 for padding, so item id i reads row i. Converting the tutorial's
 files is slow and memory hungry, so it happens once into a memory-mappable cache entry
@@ -26,8 +30,14 @@ import numpy as np
 import torch
 
 from ..utils import env
-from ..utils.safe_pickle import Refused, load_npy
+from ..utils.progress import bar as tqdm
 from . import feature_cache as fc
+from .feature_sources import convert_h5 as _convert_h5
+from .feature_sources import convert_npy as _convert_npy
+from .feature_sources import grid_to_components, source_names
+
+__all__ = ["cache_path", "feature_names", "grid_to_components", "infer_layout", "load_feature_table",
+           "table_from_tensor", "user_cache_dir"]
 
 GRID = 7
 SUPPORTED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -35,6 +45,7 @@ SUPPORTED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bf
 _NP_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 CACHE_VERSION = fc.VERSION
 CACHE_DIR = "ACF_FAST_CACHE_DIR"  # where caches of read-only feature folders go
+PROGRESS_BYTES = 256 * 2**20      # sources from this size (as float32) show a bar while converted
 # a folder the cache cannot be written to: read-only or not ours; or full
 _UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 _FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -111,17 +122,6 @@ def _convert_checked(block: torch.Tensor, dtype: torch.dtype, first_item_row: in
     return out
 
 
-def grid_to_components(block: torch.Tensor, layout: str) -> torch.Tensor:
-    """[n, F, 7, 7] ('channels_first'), [n, 7, 7, F] ('channels_last') or [n, M, F] -> [n, M, F]."""
-    if layout == "channels_first":
-        return block.flatten(2).transpose(1, 2)
-    if layout == "channels_last":
-        return block.flatten(1, 2)
-    if layout == "components":
-        return block
-    raise ValueError(f"unknown feature layout {layout!r}")
-
-
 def infer_layout(shape) -> str:
     """Which of the accepted in-memory layouts a [N, ...] feature tensor has."""
     if len(shape) == 3:
@@ -173,93 +173,22 @@ def _write_cache(dest: Path, key: str, dtype: torch.dtype, n_items: int, m: int,
     name = _dtype_name(dtype)
     source = Path(meta["source"])
 
+    # converting the real 13 GB source takes minutes: say so (small tables stay quiet)
+    quiet = n_items * m * f * 4 < PROGRESS_BYTES
+
     def rows():
-        for first, block in _converted(blocks, dtype, source):
-            if name == "bfloat16":   # its bits, stored as uint16
-                yield first, block.contiguous().view(torch.int16).numpy().view(np.uint16)
-            else:
-                yield first, block.contiguous().numpy()
+        with tqdm(total=n_items, desc=f"feature cache ({name}) of {source.name}", unit="item",
+                  disable=quiet, leave=False) as bar:
+            for first, block in _converted(blocks, dtype, source):
+                if name == "bfloat16":   # its bits, stored as uint16
+                    yield first, block.contiguous().view(torch.int16).numpy().view(np.uint16)
+                else:
+                    yield first, block.contiguous().numpy()
+                bar.update(len(block))
 
     return fc.write_entry(dest, (n_items + 1, m, f), np.dtype(_NP_STORAGE[name]), rows(),
-                          {**meta, "source_key": key},
+                          {**meta, "dtype": name, "source_key": key},
                           still_current=lambda: fc.source_key(source) == key)
-
-
-def _npy_blocks(arr, path, f):
-    for i in range(arr.shape[0]):
-        try:
-            grid = np.asarray(arr[i, 1], dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: feature row {i} (item id {i + 1}) is not numeric "
-                             f"({exc})") from None
-        arr[i, 1] = None  # drop the source row as soon as it is copied: one copy at a time
-        if grid.shape != (f, GRID, GRID):
-            raise ValueError(f"{path}: feature row {i} (item id {i + 1}): expected an array of "
-                             f"shape ({f}, 7, 7) like row 0, got {grid.shape}")
-        yield i, grid_to_components(torch.from_numpy(grid)[None], "channels_first")
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return load_npy(path, "feature file")
-    except Refused:
-        raise
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable .npy feature file ({exc})") from exc
-
-
-def _convert_npy(path: Path, dtype: torch.dtype, sink):
-    arr = _load_npy(path)
-    if arr.dtype != object or arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"{path}: expected the tutorial's object array of shape (N, 2) "
-                         f"[name, array(F, 7, 7)], got dtype {arr.dtype} shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise ValueError(f"{path}: feature file has no items")
-    first = np.asarray(arr[0, 1])
-    if first.ndim != 3 or first.shape[1:] != (GRID, GRID):
-        raise ValueError(f"{path}: expected feature arrays of shape (F, 7, 7), got {first.shape}")
-    names = [str(x) for x in arr[:, 0]]
-    meta = _meta(path, dtype, names)
-    return sink(dtype, arr.shape[0], GRID * GRID, first.shape[0], _npy_blocks(arr, path, first.shape[0]), meta)
-
-
-CHUNK_BYTES = 8 * 2**20  # .h5 rows read per step: bounded, whatever the table size
-
-
-def _h5_names(fh, n: int) -> list[str]:
-    if "image_filenames" not in fh:
-        return [str(i) for i in range(n)]
-    return [x.decode() if isinstance(x, bytes) else str(x) for x in fh["image_filenames"][:]]
-
-
-def _convert_h5(path: Path, dtype: torch.dtype, sink):
-    import h5py
-
-    try:
-        fh = h5py.File(path, "r")
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable HDF5 feature file ({exc})") from exc
-    with fh:
-        if "resnet50/layer4" not in fh:
-            raise ValueError(f"{path}: missing dataset 'resnet50/layer4' (expected shape (N, F, 7, 7))")
-        ds = fh["resnet50/layer4"]
-        if ds.ndim != 4 or ds.shape[2:] != (GRID, GRID):
-            raise ValueError(f"{path}: 'resnet50/layer4' must have shape (N, F, 7, 7), got {ds.shape}")
-        n = ds.shape[0]
-        meta = _meta(path, dtype, _h5_names(fh, n))
-        chunk = max(1, CHUNK_BYTES // (4 * ds.shape[1] * GRID * GRID))
-
-        def blocks():
-            for s in range(0, n, chunk):
-                block = torch.from_numpy(np.asarray(ds[s:s + chunk], dtype=np.float32))
-                yield s, grid_to_components(block, "channels_first")
-
-        return sink(dtype, n, GRID * GRID, ds.shape[1], blocks(), meta)
-
-
-def _meta(path: Path, dtype: torch.dtype, names) -> dict:
-    return {"source": str(path), "source_size": path.stat().st_size, "dtype": _dtype_name(dtype),
-            "names": names}
 
 
 def _open_cache(dest: Path, dtype: torch.dtype, verify: bool | None = None) -> torch.Tensor:
@@ -342,13 +271,14 @@ def load_feature_table(path: str | os.PathLike, dtype: torch.dtype = torch.float
     return _open_cache(dest, dtype, verify)
 
 
-def _source_names(path: Path) -> list[str]:
-    if path.suffix.lower() == ".npy":
-        return [str(x) for x in _load_npy(path)[:, 0]]
-    import h5py
-
-    with h5py.File(path, "r") as fh:
-        return _h5_names(fh, fh["resnet50/layer4"].shape[0])
+def feature_count(path: str | os.PathLike) -> int:
+    """Items in a feature file, its layout checked (format, shape, names), without reading
+    its rows or building a cache: the cache is built by the step that uses the table, in
+    the dtype it uses (a bf16 workflow never writes the float32 one)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"feature file not found: {path}")
+    return _converter(path)(path, torch.float32, lambda dtype, n, m, f, blocks, meta: n)
 
 
 def feature_names(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> list[str]:
@@ -357,5 +287,5 @@ def feature_names(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -
     dest = existing_cache(path, dtype)
     entry = None if dest is None else fc.read_entry(dest)
     if entry is None:
-        return _source_names(Path(path))
+        return source_names(Path(path))
     return entry.meta["names"]

@@ -58,9 +58,21 @@ def _number(*, positive: bool):
     return parse
 
 
+def _formats(text: str) -> tuple[str, ...]:
+    """argparse type: synth's feature formats ('h5', 'npy', 'h5,npy')."""
+    from ..data.feature_files import parse_formats
+
+    try:
+        return parse_formats(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_formats.__name__ = "formats"
 _positive_float = _number(positive=True)
 _non_negative_float = _number(positive=False)
 _BACKENDS = ["auto", "reference", "cpu", "triton"]
+_DTYPES = ["float32", "float16", "bfloat16"]
 _BACKEND_HELP = ("ACF kernels: auto picks triton on CUDA and the native cpu extension on the CPU "
                  "(reference, plain PyTorch, where those are unavailable)")
 _THREADS_HELP = "torch CPU threads (default: torch's choice; the demo uses 1)"
@@ -86,10 +98,14 @@ def _add_threads(p, default=argparse.SUPPRESS):
     p.add_argument("--threads", type=_count(1), default=default, help=_THREADS_HELP)
 
 
-def _add_runtime(p):
+def _add_runtime(p, feature_dtype: bool = True):
     p.add_argument("--backend", default="auto", choices=_BACKENDS, help=_BACKEND_HELP)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--features", default=None, help="feature file (default: the one `prepare` used)")
+    if feature_dtype:   # train has its own
+        p.add_argument("--feature-dtype", default=None, choices=_DTYPES,
+                       help="feature table dtype (default: the one the checkpoint was trained "
+                            "with; another one is used with a notice)")
     p.add_argument("--any-dataset", action="store_true",
                    help="use a checkpoint on another dataset than the one it was trained on (its "
                         "recorded fingerprint differs; refused by default)")
@@ -118,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="median interactions per user")
     p.add_argument("--noise-rate", type=float, default=d.noise_rate,
                    help="share of interactions that ignore the user's concepts, in [0, 1]")
+    p.add_argument("--formats", type=_formats, default="h5",
+                   help="feature files to write, comma-separated: h5 (features.h5, the tutorial's "
+                        "HDF5 layout, names inside) and/or npy (features.npy, a plain float32 "
+                        "(N, F, 7, 7) array, names in features.names.txt). Each is N x F x 196 "
+                        "bytes: 13.2 GB at 32,958 items x 2048")
     p.add_argument("--no-images", action="store_true", help="skip writing item images")
     p.add_argument("--seed", type=int, default=0, help="random seed of the data")
 
@@ -137,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it already holds a prepared dataset (runs trained from "
                         "the old one will refuse the new one)")
+    p.add_argument("--feature-dtype", default=None, choices=_DTYPES,
+                   help="also build the feature cache in this dtype now, reading every row "
+                        "(default: none; `train` builds it in the dtype it trains with)")
 
     p = sub.add_parser("train", formatter_class=fmt, help="train ACF on prepared triplets")
     p.add_argument("data", help="folder written by `prepare`")
@@ -162,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for val_auc / val_rr (0: skip)")
     p.add_argument("--checkpoint-every", type=_count(0), default=0,
                    help="also write last.pt every N steps (0: once per epoch)")
-    p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="feature table dtype (16-bit halves its memory)")
+    p.add_argument("--feature-dtype", default=None, choices=_DTYPES,
+                   help="feature table dtype, 16-bit halves its memory (default: float32; with "
+                        "--resume, the dtype the run was trained with)")
     p.add_argument("--max-steps", type=_count(1), default=None,
                    help="stop after this many steps in all (default: no limit)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
@@ -173,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from OUT/last.pt, up to its own epochs target unless --epochs is given")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in OUT (default: refuse to touch it)")
-    _add_runtime(p)
+    _add_runtime(p, feature_dtype=False)
 
     p = sub.add_parser("evaluate", formatter_class=fmt, help="full-catalogue ranking metrics (tutorial + standard)")
     p.add_argument("checkpoint", help="a checkpoint written by `train` (best.pt, last.pt)")
@@ -241,6 +266,18 @@ def _ks(text: str) -> tuple[int, ...]:
     return ks
 
 
+def _train_dtype(args) -> str:
+    """--feature-dtype; with --resume, checked against (or else) the dtype of OUT/last.pt."""
+    from pathlib import Path
+
+    from ..model.checkpoint import resume_feature_dtype
+
+    last = Path(args.out) / "last.pt"
+    if args.resume and last.is_file():
+        return resume_feature_dtype(last, args.feature_dtype)
+    return args.feature_dtype or "float32"
+
+
 def run(args) -> int:
     from ..distributed import is_main
 
@@ -259,14 +296,14 @@ def run(args) -> int:
         s = synth(args.out, n_users=args.users, n_items=args.items, n_concepts=args.concepts,
                   concepts_per_user=args.concepts_per_user, feature_dim=args.feature_dim,
                   median_interactions=args.median_interactions, noise_rate=args.noise_rate,
-                  images=not args.no_images, seed=args.seed)
+                  images=not args.no_images, seed=args.seed, formats=args.formats)
         print(json.dumps({k: v for k, v in s.items() if k != "config"}, indent=2))
     elif cmd == "prepare":
         from ..data.sampling import prepare
 
         m = prepare(args.interactions, args.features, args.out, n_train=args.n_train,
                     n_validation=args.n_validation, seed=args.seed, holdout_baskets=args.holdout_baskets,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, feature_dtype=args.feature_dtype)
         print(json.dumps(m, indent=2))
     elif cmd == "train":
         from ..training import TrainConfig, train
@@ -276,7 +313,8 @@ def run(args) -> int:
                           loss=args.loss, model_dim=args.model_dim, max_profile_size=args.max_profile_size,
                           seed=args.seed, patience=args.patience, select_by=args.select_by,
                           val_rank_samples=args.val_rank_samples, checkpoint_every=args.checkpoint_every,
-                          backend=args.backend, device=args.device, feature_dtype=args.feature_dtype,
+                          backend=args.backend, device=args.device,
+                          feature_dtype=_train_dtype(args),
                           max_steps=args.max_steps, overwrite=args.overwrite,
                           num_threads=args.threads, cuda_graph=args.cuda_graph,
                           check_dataset=not args.any_dataset)
@@ -294,7 +332,8 @@ def run(args) -> int:
         protocols = ("tutorial", "standard") if args.protocol == "both" else (args.protocol,)
         r = evaluate(args.checkpoint, args.data, args.out, features=args.features, ks=_ks(args.ks),
                      protocols=protocols, memory_mb=args.memory_mb, backend=args.backend,
-                     device=args.device, plot=not args.no_plot, check_dataset=not args.any_dataset)
+                     device=args.device, plot=not args.no_plot, check_dataset=not args.any_dataset,
+                     feature_dtype=args.feature_dtype)
         if args.out and is_main():
             print("written: " + ", ".join(r["files"].values()))
     elif cmd == "recommend":
@@ -303,7 +342,7 @@ def run(args) -> int:
         recs = recommend(args.checkpoint, args.data, users=args.users, k=args.k,
                          exclude_consumed=not args.include_consumed, out=args.out,
                          features=args.features, backend=args.backend, device=args.device,
-                         check_dataset=not args.any_dataset)
+                         check_dataset=not args.any_dataset, feature_dtype=args.feature_dtype)
         if args.out is None:
             print(json.dumps({str(u): [i for i, _ in items] for u, items in recs.items()}))
         else:
@@ -314,7 +353,7 @@ def run(args) -> int:
         e = explain(args.checkpoint, args.data, args.user, args.out, k=args.k, images_dir=args.images,
                     features=args.features, exclude=args.exclude,
                     planted=args.planted, backend=args.backend, device=args.device,
-                    check_dataset=not args.any_dataset)
+                    check_dataset=not args.any_dataset, feature_dtype=args.feature_dtype)
         print(f"written: {e['png']} (hits in top-{args.k}: {len(e['hits'])})")
     elif cmd == "extract":
         from .extract import extract

@@ -178,25 +178,26 @@ def draw_explanation(exp: dict, path, images_dir=None, names=None, planted=None)
 
 def explain(checkpoint, data_dir, user: int, out, k: int = 10, images_dir=None, features=None,
             exclude: str = "profile", planted=None, backend: str = "auto",
-            device: str = "cpu", check_dataset: bool = True) -> dict:
+            device: str = "cpu", check_dataset: bool = True, feature_dtype=None) -> dict:
     """Write `out` (PNG) and `out` with .json (the numbers drawn); returns that dict. Item
     ids there and in the figure are 0-based, as in the input files and `recommend`'s output.
 
     `out` is checked before any work; a checkpoint trained on another dataset is refused
-    unless check_dataset=False."""
+    unless check_dataset=False. The features are read in the dtype the checkpoint was
+    trained with, or `feature_dtype`."""
     check_output_file(out, "--out")
     data = PreparedDataset(data_dir)
     features = data.features(features)
     history = data.history()
     model = load_model(checkpoint, features, backend, device, data.n_users, data.n_items,
-                       dataset=data, check_dataset=check_dataset)
+                       dataset=data, check_dataset=check_dataset, feature_dtype=feature_dtype)
     exp = user_explanation(model, history, int(user), k, exclude,
                            getattr(model, "max_profile_size", 9))
     names = None
     if images_dir is not None:
         if not Path(images_dir).is_dir():
             raise FileNotFoundError(f"image folder not found: {images_dir}")
-        names = feature_names(features)
+        names = feature_names(features, model.feature_table.dtype)   # the cache just used
         if len(names) < data.n_items:     # a truncated name list would fail mid-figure
             raise ValueError(f"{features} lists {len(names)} image names for its {data.n_items} "
                              "items: the file is truncated or damaged; extract the features again "

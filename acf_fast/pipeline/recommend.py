@@ -58,17 +58,19 @@ def top_k(model, history: UserHistory, users: np.ndarray, k: int, exclude_consum
 
 def recommend(checkpoint, data_dir, users=None, k: int = 10, exclude_consumed: bool = True,
               out=None, features=None, backend: str = "auto", device: str = "cpu",
-              check_dataset: bool = True) -> dict:
+              check_dataset: bool = True, feature_dtype=None) -> dict:
     """Recommendations {user_id: [(item_id, score), ...]}; written to `out` (.json or .csv) if given.
 
     `out` is checked before any work; a checkpoint trained on another dataset is refused
-    unless check_dataset=False."""
+    unless check_dataset=False. The features are read in the dtype the checkpoint was
+    trained with, or `feature_dtype`."""
     if out is not None:
         check_output_file(out, "output file", SUFFIXES)
     data = PreparedDataset(data_dir)
     history = data.history()
     model = load_model(checkpoint, data.features(features), backend, device, data.n_users,
-                       data.n_items, dataset=data, check_dataset=check_dataset)
+                       data.n_items, dataset=data, check_dataset=check_dataset,
+                       feature_dtype=feature_dtype)
     wanted = parse_users(users)
     users_arr = (np.arange(history.n_users) if wanted is None else history.check_users(wanted))
     ids, scores = top_k(model, history, users_arr, k, exclude_consumed,

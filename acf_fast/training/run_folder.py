@@ -44,7 +44,7 @@ from ..model.checkpoint import make_checkpoint, read_checkpoint
 from ..utils.outputs import os_error_reason, write_text_atomic
 from .config import BEST, HISTORY, LAST, RUN_FILES, TrainConfig
 
-RESUME_MUST_MATCH = ("batch_size", "seed", "model_dim", "max_profile_size", "loss")
+RESUME_MUST_MATCH = ("batch_size", "seed", "model_dim", "max_profile_size", "loss", "feature_dtype")
 
 
 @dataclass

@@ -157,7 +157,7 @@ class Trainer:
     def validate(self) -> dict:
         cfg = self.cfg
         return validate(self.model, self.loss_fn, self.val_set, cfg.batch_size, cfg.val_rank_samples,
-                        cfg.seed, self.n_items, self.dist)
+                        cfg.seed, self.n_items, self.dist, progress=cfg.progress and self.dist.is_main)
 
     def completion(self) -> str | None:
         """Why the run is complete under the current config (None: there is training to do)."""

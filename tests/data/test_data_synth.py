@@ -15,20 +15,20 @@ from acf_fast.model.features import feature_names, load_feature_table
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    return out, synth(out, n_users=300, n_items=300, feature_dim=16, progress=False)
+    return out, synth(out, n_users=300, n_items=300, feature_dim=16, progress=False,
+                      formats=("h5", "npy"))
 
 
 def test_files_in_tutorial_formats(data):
     out, s = data
     with open(s["interactions"]) as fh:
         assert next(csv.reader(fh)) == ["user_id", "item_id", "timestamp"]
-    npy = np.load(s["features_npy"], allow_pickle=True)
-    assert npy.dtype == object and npy.shape == (300, 2)
-    assert npy[0, 0] == "item_000000.png" and npy[0, 1].shape == (16, 7, 7)
-    assert npy[0, 1].dtype == np.float32
+    npy = np.load(s["features_npy"])                  # a plain array: no pickle
+    assert npy.dtype == np.float32 and npy.shape == (300, 16, 7, 7)
     a, b = load_feature_table(s["features_npy"]), load_feature_table(s["features_h5"])
     assert torch.equal(a, b) and tuple(a.shape) == (301, 49, 16)
-    assert feature_names(s["features_h5"])[:2] == ["item_000000.png", "item_000001.png"]
+    for path in (s["features_h5"], s["features_npy"]):
+        assert feature_names(path)[:2] == ["item_000000.png", "item_000001.png"]
     assert len(list((out / "images").glob("*.png"))) == 300
     assert json.loads((out / "synth.json").read_text())["config"]["feature_dim"] == 16
 

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory):
     s = synth(tmp_path_factory.mktemp("raw"), n_users=20, n_items=30, feature_dim=4, images=False,
-              progress=False)
+              progress=False, formats=("npy",))
     return s["interactions"], s["features_npy"]
 
 

@@ -12,6 +12,7 @@ import pickle
 import shutil
 import zipfile
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -229,7 +230,10 @@ def test_prepare_refuses_a_payload_feature_file(dataset, tmp_path, capsys):
 
     _, s = dataset
     marker = tmp_path / "marker"
-    arr = load_npy(s["features_npy"])
+    arr = np.empty((30, 2), dtype=object)          # the tutorial's layout, from synth's .h5
+    with h5py.File(s["features_h5"]) as fh:
+        for i, grid in enumerate(fh["resnet50/layer4"][:]):
+            arr[i] = [f"item_{i:06d}.png", grid]
     arr[0, 0] = Exec(marker)
     np.save(tmp_path / "features.npy", arr, allow_pickle=True)
     rc = main(["prepare", s["interactions"], str(tmp_path / "features.npy"), str(tmp_path / "out")])

@@ -26,7 +26,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 def test_cli_synth_and_prepare(tmp_path, capsys):
     assert cli_main(["synth", str(tmp_path / "d"), "--users", "20", "--items", "30", "--feature-dim", "4",
-                     "--no-images"]) == 0
+                     "--no-images", "--formats", "h5,npy"]) == 0
     assert cli_main(["prepare", str(tmp_path / "d" / "interactions.csv"), str(tmp_path / "d" / "features.npy"),
                      str(tmp_path / "p"), "--n-train", "100", "--n-validation", "10"]) == 0
     manifest = json.loads((tmp_path / "p" / "dataset.json").read_text())

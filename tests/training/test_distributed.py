@@ -446,7 +446,7 @@ def pipeline_data(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pipeline")
     raw = synth(root / "raw", progress=False, n_users=40, n_items=80, feature_dim=8, n_concepts=4,
-                images=False)
+                images=False, formats=("npy",))
     # 320 triplets: batches of 128, 128, 64 -> pieces of 64 + 64 and 32 + 32 per rank
     prepare(raw["interactions"], raw["features_npy"], root / "data", n_train=300, n_validation=60,
             progress=False)
