@@ -124,6 +124,9 @@ def _attention_backward(ctx, g_user, g_alpha, g_beta):
             g_c1.reshape(c1_shape))
 
 
+# torch.compile runs this once while tracing instead of tracing into it: tracing the
+# loading (file hashing, an op returning a str) and the registrations broke the graph
+@torch.compiler.assume_constant_result
 def register() -> None:
     """Load the extension and register fake kernels and autograd (idempotent)."""
     global _REGISTERED
