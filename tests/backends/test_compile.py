@@ -190,3 +190,26 @@ def test_the_exact_plan_is_a_custom_op_torch_compile_can_trace(rows):
     torch.library.opcheck(torch.ops.acf_fast.distinct_items.default, (ids, ids != 0))
     plan = distinct_items(ids, ids != 0)
     assert plan.item_ids.tolist() == sorted({i for row in rows for i in row} - {0})
+
+
+def test_backward_traced_inside_the_compiled_function_gives_eager_gradients():
+    """docs/model.md#torchcompile: with trace_autograd_ops, loss.backward() can sit inside
+    the compiled function (the whole step, less the optimiser, one graph)."""
+    model = random_model(**SHAPE, backend="cpu")
+    twin = same_model(model, "cpu")
+    batch = random_batch(model, batch=8, max_profile=5, seed=3)
+
+    def whole_step(*b):
+        loss = warp_loss(*model(*b))
+        loss.backward()
+        return loss.detach()
+
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        loss_c = torch.compile(whole_step, backend="aot_eager", fullgraph=True)(*batch)
+    loss_e, grads_e = step(twin, twin, batch)
+    torch.testing.assert_close(loss_c, loss_e)
+    for name, p in model.named_parameters():
+        if name in grads_e:
+            torch.testing.assert_close(p.grad, grads_e[name], rtol=1e-5, atol=1e-6)
+        else:
+            assert p.grad is None, name
