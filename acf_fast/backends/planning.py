@@ -3,8 +3,8 @@
 Both fused backends reduce every distinct item once (R = W_red x + b_red) and attend per
 (user, slot) through an index into those items; this is the one place that finds them.
 `acf_fast.kernels.fused_acf` (the triton backend) uses the whole `Batch`; the cpu backend
-uses item_ids and slot_item. Plain torch ops, so it runs on any device, before any custom
-op (no op has a data-dependent output shape).
+uses item_ids and slot_item. Plain torch ops, so it runs on any device; it runs before
+the backends' custom ops, so none of those has a data-dependent output shape.
 
 The exact plan (capacity=None) has a data-dependent size U, which torch.compile cannot
 trace through torch.unique (a graph break). It is therefore itself the custom op
@@ -79,6 +79,7 @@ def _exact_plan(profile_ids: torch.Tensor, profile_mask: torch.Tensor
     unique, inverse, counts = torch.unique(ids, sorted=True, return_inverse=True,
                                            return_counts=True)
     order = torch.argsort(inverse, stable=True)
+    # a tensor of its own, as the fake describes it (the view unique[1:] has an offset)
     return (unique[1:].clone(), (inverse[1:] - 1).to(torch.int32).view(B, P),
             counts.cumsum(0).to(torch.int32), (order - 1).to(torch.int32))
 
