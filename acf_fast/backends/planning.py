@@ -45,7 +45,7 @@ def distinct_items(profile_ids: torch.Tensor, profile_mask: torch.Tensor,
     Built from a sort and prefix sums, which read nothing back to the host.
     """
     if capacity is None:
-        return Batch(*_exact_plan(profile_ids, profile_mask.bool()))
+        return Batch(*torch.ops.acf_fast.distinct_items(profile_ids, profile_mask.bool()))
     B, P = profile_ids.shape
     ids = _with_padding_first(profile_ids, profile_mask)
     sorted_ids, order = torch.sort(ids, stable=True)
@@ -69,11 +69,15 @@ def _with_padding_first(profile_ids: torch.Tensor, profile_mask: torch.Tensor) -
     return torch.cat([ids.new_zeros(1), ids])
 
 
-@torch.library.custom_op("acf_fast::distinct_items", mutates_args=())
-def _exact_plan(profile_ids: torch.Tensor, profile_mask: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+# Defined with torch.library.Library rather than torch.library.custom_op, whose wrapper
+# imports torch._dynamo (a second of start-up) at the first eager call.
+_LIB = torch.library.Library("acf_fast", "FRAGMENT")
+_LIB.define("distinct_items(Tensor profile_ids, Tensor profile_mask) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def _exact_plan_impl(profile_ids: torch.Tensor, profile_mask: torch.Tensor):
     """(item_ids [U], slot_item [B, P], item_start [U + 1], slot_order [B * P + 1]): the
-    exact plan, U read back to the host by torch.unique."""
+    exact plan, U read back to the host by torch.unique. Any device (plain torch ops)."""
     B, P = profile_ids.shape
     ids = _with_padding_first(profile_ids, profile_mask)
     unique, inverse, counts = torch.unique(ids, sorted=True, return_inverse=True,
@@ -84,7 +88,10 @@ def _exact_plan(profile_ids: torch.Tensor, profile_mask: torch.Tensor
             counts.cumsum(0).to(torch.int32), (order - 1).to(torch.int32))
 
 
-@_exact_plan.register_fake
+_LIB.impl("distinct_items", _exact_plan_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("acf_fast::distinct_items", lib=_LIB)
 def _(profile_ids, profile_mask):
     B, P = profile_ids.shape
     u = _item_count_symbol(torch.library.get_ctx(), B * P)
