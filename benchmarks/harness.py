@@ -7,9 +7,9 @@ Baselines come from acf_fast.testing (the same builders the tests use), never re
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field
 
 import torch
+from report import LoadProbe, Row, cores, render
 
 from acf_fast.model.losses import warp_loss
 from acf_fast.testing import random_features, random_model, wikimedia_batch
@@ -24,15 +24,16 @@ def device() -> torch.device:
 
 
 def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+    """CPU model, cores, torch version and threads (and the GPU on a CUDA run)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
             cpu = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    host = (f"{cpu}, {cores()} cores; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+    return f"{torch.cuda.get_device_name()}; {host}" if torch.cuda.is_available() else host
 
 
 _FEATURES: dict = {}
@@ -177,38 +178,21 @@ def cuda_step_peak_bytes(step) -> int:
 
 
 # ---------------------------------------------------------------- results table
-@dataclass
-class Row:
-    group: str       # rows compared with each other, e.g. "train step fp32 B=128"
-    name: str        # backend label, e.g. "reference", "reference+compile", "cpu"
-    seconds: float   # median seconds per call
-    peak_bytes: int | None = None
-    extra: dict = field(default_factory=dict)
-
-
 ROWS: list[Row] = []
-BASELINE = "reference"
+PROBE: LoadProbe | None = None   # started by conftest.py when the session starts
 
 
 def record(group: str, name: str, benchmark=None, seconds: float | None = None,
            peak_bytes: int | None = None, **extra) -> None:
-    """Add a row; `benchmark` is pytest-benchmark's fixture after it has run."""
+    """Add a row; `benchmark` is pytest-benchmark's fixture after it has run. Each note
+    in `extra` (key=value) needs its explanation in report.NOTES."""
     if seconds is None:
         seconds = benchmark.stats.stats.median
-    ROWS.append(Row(group, name, seconds, peak_bytes, extra))
+    others = PROBE.since_last() if PROBE is not None else None
+    ROWS.append(Row(group, name, seconds, peak_bytes, extra, others))
 
 
 def table() -> str:
-    lines = [f"machine: {machine()}; torch {torch.__version__}",
-             f"{'group':34s} {'backend':20s} {'median':>10s} {'vs ref':>8s} {'peak MB':>9s}  notes"]
-    groups: dict[str, list[Row]] = {}
-    for r in ROWS:
-        groups.setdefault(r.group, []).append(r)
-    for g, rows in groups.items():
-        base = next((r.seconds for r in rows if r.name == BASELINE), None)
-        for r in rows:
-            ratio = f"{base / r.seconds:7.2f}x" if base else "      -"
-            peak = f"{r.peak_bytes / 2**20:9.1f}" if r.peak_bytes is not None else "        -"
-            notes = " ".join(f"{k}={v}" for k, v in r.extra.items())
-            lines.append(f"{g:34s} {r.name:20s} {r.seconds * 1e3:8.2f}ms {ratio} {peak}  {notes}")
-    return "\n".join(lines)
+    if PROBE is not None and PROBE.end_load is None:
+        PROBE.finish()
+    return render(ROWS, machine(), PROBE or LoadProbe(), cores())

@@ -3,7 +3,10 @@
 Run with the reference baselines so the table has same-run ratios:
     pytest benchmarks/test_bench_reference.py benchmarks/test_bench_cpu.py --benchmark
 (the eager / compiled reference training steps come from test_bench_reference.py;
-the one-user-at-a-time recommend_all baseline is measured here).
+the one-user-at-a-time recommend_all baseline is measured here). "cpu+compile" is the
+cpu backend's model under torch.compile (default mode): it should match "cpu", since
+the native ops do the work and the compiled step has no graph breaks (tests/backends/
+test_compile.py).
 """
 
 import time
@@ -23,12 +26,14 @@ BATCH = 128
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_train_step_cpu(benchmark, dtype):
-    step = harness.make_training_step("cpu", harness.DTYPES[dtype], BATCH)
-    step()  # warm-up
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_train_step_cpu(benchmark, dtype, compiled):
+    step = harness.make_training_step("cpu", harness.DTYPES[dtype], BATCH, compile=compiled)
+    step()  # warm-up (and compilation)
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
-    harness.record(f"train step {dtype} B={BATCH}", "cpu", benchmark,
-                   peak_bytes=harness.step_peak_bytes(step), gemm=_gemm(harness.DTYPES[dtype]))
+    harness.record(f"train step {dtype} B={BATCH}", "cpu+compile" if compiled else "cpu",
+                   benchmark, peak_bytes=harness.step_peak_bytes(step),
+                   gemm=_gemm(harness.DTYPES[dtype]))
 
 
 def _gemm(feature_dtype) -> str:
@@ -161,7 +166,8 @@ def test_train_step_one_thread_cpu_time(dtype):
     group = f"train step {dtype} 1 thread cpu-time"
     for name, backend, compiled in (("reference", "reference", False),
                                     ("reference+compile", "reference", True),
-                                    ("cpu", "cpu", False)):
+                                    ("cpu", "cpu", False),
+                                    ("cpu+compile", "cpu", True)):
         step = harness.make_training_step(backend, harness.DTYPES[dtype], BATCH, compile=compiled)
         step()  # compilation, outside the timing
         harness.record(group, name, seconds=_one_thread_cpu_seconds(step, rounds=3))

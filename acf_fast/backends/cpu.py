@@ -24,8 +24,8 @@ The ops (schemas in csrc/acf_library.cpp, CPU kernels in csrc/acf_cpu_*.cpp):
   backward recomputes from the saved softmaxes alpha and beta.
 
 `register_fake` lets torch.compile trace them; `register_autograd` ties each forward to
-its native backward. Import of acf_fast never needs the extension: only this backend
-does, and it loads the extension at call time.
+its native backward. Import of acf_fast never needs the extension: importing this module
+loads and registers it where it can, and a call of the backend says why it cannot.
 """
 
 from __future__ import annotations
@@ -157,6 +157,14 @@ def register() -> None:
     torch.library.register_autograd("acf_fast::acf_attention", _attention_backward,
                                     setup_context=_attention_setup)
     _REGISTERED = True
+
+
+# Done with the module's import where the extension loads (a few ms): a first call under
+# torch.compile then finds the fakes in place instead of tracing into the loading (file
+# hashing, an op returning a str) and the registrations, which broke the graph. Where it
+# does not load, nothing happens here and the first call says why.
+if load(required=False) is not None:
+    register()
 
 
 @torch.compiler.assume_constant_result

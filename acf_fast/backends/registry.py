@@ -20,6 +20,7 @@ from functools import lru_cache
 import torch
 
 from ..utils import env
+from . import cpu, reference  # noqa: F401  (see get: torch.compile finds them imported)
 
 BACKENDS = ("reference", "cpu", "triton")
 
@@ -99,6 +100,12 @@ def get(name: str):
     """The backend module for a resolved name."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    # an imported backend is looked up, not imported again: torch.compile traces a
+    # lookup in sys.modules but breaks the graph at importlib (reference and cpu are
+    # imported with this module, so even a first, compiled call finds them)
+    module = sys.modules.get(f"acf_fast.backends.{name}")
+    if module is not None:
+        return module
     try:
         return importlib.import_module(f"acf_fast.backends.{name}")
     except ModuleNotFoundError as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 PAD = 0
+MASK_MISMATCH = ("profile_mask disagrees with profile_ids: a slot must be masked exactly when "
+                 "its id is the padding id 0")
 
 
 class BatchChecks:
@@ -27,6 +29,8 @@ class BatchChecks:
     def _check_ranges(checks, mask_mismatch=None) -> None:
         """All id ranges (and the mask's agreement) in one device->host sync: on a GPU every
         sync stalls the launch queue, and a step has up to nine such checks."""
+        if torch.compiler.is_compiling():
+            return _assert_ranges(checks, mask_mismatch)
         flags = [((ids < lowest) | (ids >= upper)).any() for _, ids, lowest, upper in checks]
         if mask_mismatch is not None:
             flags.append(mask_mismatch)
@@ -37,8 +41,7 @@ class BatchChecks:
             if lo < lowest or hi >= upper:
                 raise ValueError(f"{name} contains id {lo if lo < lowest else hi}, "
                                  f"expected ids in [{lowest}, {upper - 1}]")
-        raise ValueError("profile_mask disagrees with profile_ids: a slot must be masked "
-                         "exactly when its id is the padding id 0")
+        raise ValueError(MASK_MISMATCH)
 
     def _check_batch(self, user_ids, profile_ids, profile_mask, pos=None, neg=None, device=None):
         """Checked ids (int64) and mask on `device` (default: the parameters' device; a
@@ -76,3 +79,15 @@ class BatchChecks:
             mismatch = (profile_mask != derived).any()
         self._check_ranges(checks, mismatch)
         return user_ids, profile_ids, profile_mask, pos, neg
+
+
+def _assert_ranges(checks, mask_mismatch) -> None:
+    """The same checks inside a torch.compile graph, where reading a flag back to branch
+    on it would break the graph: each one is an assertion the graph itself runs, a
+    RuntimeError with the same wording, less the offending id (which would need that
+    read-back)."""
+    for name, ids, lowest, upper in checks:
+        torch._assert_async(((ids >= lowest) & (ids < upper)).all(),
+                            f"{name} contains an id outside the expected ids in [{lowest}, {upper - 1}]")
+    if mask_mismatch is not None:
+        torch._assert_async(~mask_mismatch, MASK_MISMATCH)

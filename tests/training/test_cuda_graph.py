@@ -22,6 +22,7 @@ from acf_fast.backends.registry import triton_interpreter_on  # noqa: E402
 
 require_triton_runnable()
 
+from acf_fast.backends import planning  # noqa: E402
 from acf_fast.backends import triton as triton_backend  # noqa: E402
 from acf_fast.training.cuda_graph import GraphedTrainStep  # noqa: E402
 from acf_fast.model.losses import warp_loss  # noqa: E402
@@ -147,7 +148,8 @@ class ReadBackRecorder(TorchDispatchMode):
         super().__init__()
         self.found = []
         self.bodies = {torch.ops.acf_fast.triton_forward.default: triton_backend.triton_forward._init_fn,
-                       torch.ops.acf_fast.triton_backward.default: triton_backend.triton_backward._init_fn}
+                       torch.ops.acf_fast.triton_backward.default: triton_backend.triton_backward._init_fn,
+                       torch.ops.acf_fast.distinct_items.default: planning._exact_plan_impl}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
