@@ -100,8 +100,8 @@ def figure_plan(exp: dict, planted=None, max_columns: int = MAX_COLUMNS) -> dict
 def summary(plan: dict) -> dict:
     """The plan's checkable facts, for the explanation's JSON (no item ids: those are in
     the JSON already, 0-based)."""
-    truth = plan["rows"]["truth"]
-    return {"ground_truth_shown": len(truth), "titles": plan["titles"], "legend": [{"color": c, "meaning": m} for c, m in plan["legend"]],
+    return {"ground_truth_shown": len(plan["rows"]["truth"]), "titles": plan["titles"],
+            "legend": [{"color": c, "meaning": m} for c, m in plan["legend"]],
             "frame_colors": sorted({c["color"] for row in plan["rows"].values() for c in row}),
             "beta_on_planted": plan["beta_on_planted"], "beta_range": list(plan["beta_range"])}
 
@@ -130,7 +130,9 @@ def _item(ax, cell: dict, img, width: float = 3.0):
     if img is not None:
         ax.imshow(img)
     else:
-        ax.add_patch(__import__("matplotlib").patches.Rectangle((0, 0), 1, 1, color=cell["color"], alpha=0.2))
+        from matplotlib.patches import Rectangle
+
+        ax.add_patch(Rectangle((0, 0), 1, 1, color=cell["color"], alpha=0.2))
         ax.text(0.5, 0.5, f"item {cell['item'] - 1}", ha="center", va="center", fontsize=9)
         ax.set_xlim(0, 1), ax.set_ylim(0, 1)
     _frame(ax, cell["color"], width)
@@ -141,23 +143,28 @@ def _attention(ax, cell: dict, beta: np.ndarray, img, cells, plan: dict):
     """beta over the image (or alone), one cell per grid cell: nearest-neighbour, so the
     heat map lines up with the 7x7 grid and the planted outlines instead of smearing a
     cell's weight over its neighbours. Component m is grid row m // 7, column m % 7."""
-    patches = __import__("matplotlib").patches
+    from matplotlib.colors import PowerNorm
+    from matplotlib.patches import Rectangle
+
     lo, hi = plan["beta_range"]
+    # square-root colour scale (the colour bar shows it): a beta spread over a few cells
+    # (0.1-0.3 each) stays visible beside another item's single 0.9
+    norm = PowerNorm(0.5, vmin=lo, vmax=hi)
     grid = beta.reshape(GRID, GRID)
     if img is not None:
         h, w = img.shape[:2]
         ax.imshow(img.mean(axis=2), cmap="gray", vmin=0, vmax=255)
         # opacity grows with beta: cells the model ignores leave the image readable
-        opacity = 0.3 + 0.6 * np.clip((grid - lo) / (hi - lo), 0, 1)
+        opacity = 0.3 + 0.6 * np.clip(norm(grid), 0, 1)
         mesh = ax.imshow(grid, cmap="inferno", alpha=opacity, extent=(0, w, h, 0),
-                         interpolation="nearest", vmin=lo, vmax=hi)
+                         interpolation="nearest", norm=norm)
         scale, off = w / GRID, 0.0
     else:
-        mesh = ax.imshow(grid, cmap="inferno", interpolation="nearest", vmin=lo, vmax=hi)
+        mesh = ax.imshow(grid, cmap="inferno", interpolation="nearest", norm=norm)
         scale, off = 1.0, -0.5
     for c in np.flatnonzero(cells) if cells is not None else ():
         r, q = divmod(int(c), GRID)
-        ax.add_patch(patches.Rectangle((q * scale + off, r * scale + off), scale, scale, fill=False,
+        ax.add_patch(Rectangle((q * scale + off, r * scale + off), scale, scale, fill=False,
                                        edgecolor=PLANTED, lw=1.2))
     _frame(ax, cell["color"], 1.5)
     ax.set_xlabel(cell["label"], fontsize=8)
