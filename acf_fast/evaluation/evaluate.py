@@ -125,16 +125,17 @@ def evaluate_groups(model: ACF, groups: EvaluationGroups, history: UserHistory |
 
 
 def by_size(per_group: dict[str, np.ndarray], sizes: np.ndarray, edges=HISTORY_BINS) -> list[dict]:
-    """Mean of each metric per size bin [edges[i], edges[i+1]) (the last bin is open)."""
+    """Mean of each metric per size bin [edges[i], edges[i+1]) (the last bin is open).
+
+    Every bin is listed, an empty one with groups 0 and None for each metric, so a reader
+    (and the figure's axis) sees that no group has that size instead of a missing bin."""
     rows = []
     bounds = list(edges) + [np.inf]
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         sel = (sizes >= lo) & (sizes < hi)
-        if not sel.any():
-            continue
         label = f"{lo}+" if hi == np.inf else (f"{lo}" if hi - lo == 1 else f"{lo}-{int(hi) - 1}")
         row = {"bin": label, "groups": int(sel.sum())}
-        row.update({k: float(v[sel].mean()) for k, v in per_group.items()})
+        row.update({k: float(v[sel].mean()) if sel.any() else None for k, v in per_group.items()})
         rows.append(row)
     return rows
 

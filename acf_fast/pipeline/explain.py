@@ -1,10 +1,5 @@
-"""`explain`: one user's recommendation and attentions as a PNG, like the tutorial's notebook.
-
-Rows: the held-out ground truth; the profile (consumed items the model attends to)
-with each item's alpha and its beta (component attention, 7x7) drawn as a
-translucent heat map upsampled over the image; the top-k recommendations with
-hits (held-out items) and already consumed items marked. Without an image folder
-the beta grid itself is drawn, and items are tiles with their id.
+"""`explain`: one user's recommendation and attentions as a PNG, like the tutorial's notebook,
+and the numbers drawn as JSON. The figure is `explain_figure`'s.
 """
 
 from __future__ import annotations
@@ -17,13 +12,10 @@ import torch
 
 from ..data.history import UserHistory
 from ..data.prepared import PreparedDataset
-from ..evaluation.plots import pyplot
 from ..model.acf import load_model
 from ..model.features import feature_names
-from ..utils.outputs import atomic_write, check_output_file, write_text_atomic
-
-GRID = 7
-HIT, CONSUMED, OTHER = "#1a9850", "#7f7f7f", "#4575b4"
+from ..utils.outputs import check_output_file, write_text_atomic
+from .explain_figure import draw_explanation
 
 
 @torch.no_grad()
@@ -72,110 +64,6 @@ def zero_based(exp: dict) -> dict:
     return out
 
 
-def _load_image(images_dir: Path | None, names, item: int):
-    if images_dir is None or names is None:
-        return None
-    path = images_dir / names[item - 1]
-    if not path.exists():
-        return None
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def _tile(ax, text: str, color: str):
-    ax.add_patch(__import__("matplotlib").patches.Rectangle((0, 0), 1, 1, color=color, alpha=0.25))
-    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9)
-    ax.set_xlim(0, 1), ax.set_ylim(0, 1)
-
-
-def _frame(ax, color: str, width: float = 3.0):
-    for spine in ax.spines.values():
-        spine.set_edgecolor(color)
-        spine.set_linewidth(width)
-        spine.set_visible(True)
-    ax.set_xticks([]), ax.set_yticks([])
-
-
-def draw_explanation(exp: dict, path, images_dir=None, names=None, planted=None):
-    """Write the figure; `planted` ([N, 49] bool) outlines ground-truth concept cells (synthetic data)."""
-    plt = pyplot()
-    images_dir = Path(images_dir) if images_dir else None
-    n_cols = max(len(exp["profile"]), len(exp["top_k"]), min(len(exp["held_out"]), 10), 1)
-    fig, axes = plt.subplots(3, n_cols, figsize=(1.7 * n_cols, 6.2), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    held = exp["held_out"][:n_cols]
-    axes[0, 0].set_title(f"Ground truth (n={len(exp['held_out'])})", loc="left", fontsize=10, pad=14)
-    for c, item in enumerate(held):
-        ax = axes[0, c]
-        img = _load_image(images_dir, names, item)
-        ax.axis("on")
-        if img is not None:
-            ax.imshow(img)
-        else:
-            _tile(ax, f"item {item - 1}", HIT)
-        _frame(ax, HIT)
-        hit = item in exp["hits"]
-        ax.set_xlabel(f"{item - 1}" + (" (hit)" if hit else ""), fontsize=8)
-
-    axes[1, 0].set_title(f"Consumed (n={len(exp['profile'])}): item attention alpha; component "
-                         "attention beta as heat map (one colour scale for all)"
-                         + ("; planted cells outlined" if planted is not None else ""),
-                         loc="left", fontsize=10, pad=14)
-    # one colour scale for the whole row, starting at 0: a flat beta looks flat instead of
-    # having its tiny differences stretched over the full colour map
-    vmax = max([max(b) for b in exp["beta"]] + [2.0 / (GRID * GRID)])
-    for c, (item, a, b) in enumerate(zip(exp["profile"], exp["alpha"], exp["beta"])):
-        ax = axes[1, c]
-        ax.axis("on")
-        beta = np.asarray(b).reshape(GRID, GRID)
-        img = _load_image(images_dir, names, item)
-        if img is not None:
-            h, w = img.shape[:2]
-            ax.imshow(img.mean(axis=2), cmap="gray", vmin=0, vmax=255)
-            ax.imshow(beta, cmap="inferno", alpha=0.45, extent=(0, w, h, 0), interpolation="bilinear",
-                      vmin=0, vmax=vmax)
-        else:
-            ax.imshow(beta, cmap="inferno", interpolation="nearest", vmin=0, vmax=vmax)
-        if planted is not None:
-            cells = np.flatnonzero(planted[item - 1])
-            scale = (img.shape[1] / GRID) if img is not None else 1.0
-            off = 0.0 if img is not None else -0.5
-            for cell in cells:
-                r, q = divmod(int(cell), GRID)
-                ax.add_patch(__import__("matplotlib").patches.Rectangle(
-                    (q * scale + off, r * scale + off), scale, scale, fill=False, edgecolor="cyan", lw=0.8))
-        _frame(ax, CONSUMED, 1.0)
-        ax.set_xlabel(f"{item - 1}  attn={a:.3f}\nmax beta={beta.max():.2f}", fontsize=8)
-
-    axes[2, 0].set_title(f"Recommendation (n={len(exp['top_k'])}): green = hit, grey = consumed",
-                         loc="left", fontsize=10, pad=14)
-    consumed = set(exp["consumed_in_top_k"])
-    for c, (item, s) in enumerate(zip(exp["top_k"], exp["scores"])):
-        ax = axes[2, c]
-        ax.axis("on")
-        color = HIT if item in exp["hits"] else CONSUMED if item in consumed else OTHER
-        img = _load_image(images_dir, names, item)
-        if img is not None:
-            ax.imshow(img)
-        else:
-            _tile(ax, f"item {item - 1}", color)
-        _frame(ax, color)
-        mark = " hit" if item in exp["hits"] else " consumed" if item in consumed else ""
-        ax.set_xlabel(f"{item - 1} ({s:.2f}){mark}", fontsize=8)
-    fig.suptitle(f"user {exp['user']}", fontsize=11)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.subplots_adjust(wspace=0.35, hspace=0.6)
-    try:
-        with atomic_write(path, "wb") as fh:     # whole or absent, also on a full disk
-            fig.savefig(fh, format=path.suffix[1:].lower() or "png", dpi=90, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
-
-
 def explain(checkpoint, data_dir, user: int, out, k: int = 10, images_dir=None, features=None,
             exclude: str = "profile", planted=None, backend: str = "auto",
             device: str = "cpu", check_dataset: bool = True, feature_dtype=None) -> dict:
@@ -206,8 +94,9 @@ def explain(checkpoint, data_dir, user: int, out, k: int = 10, images_dir=None, 
         from ..data.synth import load_planted
 
         planted = load_planted(planted)["planted_cells"]
-    path = draw_explanation(exp, out, images_dir, names, planted)   # labels 0-based ids itself
+    path, figure = draw_explanation(exp, out, images_dir, names, planted)   # labels 0-based ids itself
     exp = zero_based(exp)
+    exp["figure"] = figure         # what the figure shows: legend, ground truth shown, beta on planted
     exp["png"] = str(path)
     write_text_atomic(Path(path).with_suffix(".json"), json.dumps(exp, indent=1))
     return exp

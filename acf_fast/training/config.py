@@ -25,6 +25,10 @@ class TrainConfig:
                                          # last.pt), a fresh run's DEFAULT_EPOCHS
     batch_size: int = 128
     lr: float = 1e-3
+    embedding_lr: float | None = None    # Adam rate of the user and item embeddings (None: lr).
+                                         # Short runs (the demo) raise it alone: the N(0, 1)
+                                         # embeddings need large steps to move in few of them,
+                                         # the attention layers' ~0.2-scale weights do not
     weight_decay: float = 1e-5
     loss: str = "warp"
     model_dim: int = 128
@@ -54,6 +58,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.embedding_lr is not None and not (math.isfinite(self.embedding_lr) and self.embedding_lr > 0):
+            raise ValueError(f"embedding_lr must be a finite number > 0 (or None for lr), "
+                             f"got {self.embedding_lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         get_loss(self.loss)
@@ -78,3 +85,13 @@ class TrainConfig:
         if self.cuda_graph and (dev.type if dev is not None else
                                 "cuda" if torch.cuda.is_available() else "cpu") != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA device, got device={self.device!r}")
+
+
+def parameter_groups(model, cfg: TrainConfig) -> list[dict]:
+    """Adam's parameter groups: all at `lr` (the tutorial, and one group as before, so older
+    runs resume), or the user, item and profile embeddings apart at `embedding_lr`."""
+    if cfg.embedding_lr is None:
+        return [{"params": list(model.parameters())}]
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    return [{"params": [p for p in model.parameters() if id(p) in emb], "lr": cfg.embedding_lr},
+            {"params": [p for p in model.parameters() if id(p) not in emb]}]

@@ -52,7 +52,7 @@ from ..model.acf import ACF, check_feature_count
 from ..model.losses import get_loss
 from ..utils import env
 from ..utils.progress import bar as tqdm
-from .config import BEST, DEFAULT_EPOCHS, DTYPES, LAST, TrainConfig
+from .config import BEST, DEFAULT_EPOCHS, DTYPES, LAST, TrainConfig, parameter_groups
 from .run_folder import RunFolder, TrainState, build_checkpoint, restore
 from .run_lock import claim_run_folder, run_lock
 from .sampler import EpochBatches
@@ -91,7 +91,7 @@ class Trainer:
         # fused on CUDA: one kernel for all parameters instead of a dozen per step (the
         # fused step is host-bound there); the CPU keeps the default, whose results
         # the resume tests pin down
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
+        self.optimizer = torch.optim.Adam(parameter_groups(self.model, config), lr=config.lr,
                                           weight_decay=config.weight_decay,
                                           fused=self.device.type == "cuda" or None,
                                           capturable=bool(config.cuda_graph))
