@@ -151,9 +151,10 @@ def make_step(trainer) -> TrainStep:
     """The step for this run: fused and graphed (config.cuda_graph; by default on for one
     CUDA device with the triton backend), DDP (under torchrun) or eager."""
     want = trainer.cfg.cuda_graph
-    if want is None:
+    if want is None:   # one learning rate for all (embedding_lr unset): fused Adam's case
         want = (trainer.device.type == "cuda" and not trainer.dist.is_distributed
-                and trainer.model.resolved_backend() == "triton")
+                and trainer.model.resolved_backend() == "triton"
+                and len(trainer.optimizer.param_groups) == 1)
     if want:
         if trainer.dist.is_distributed:
             raise ValueError("cuda_graph runs on one GPU; it cannot be combined with torchrun")
