@@ -143,10 +143,16 @@ def context() -> DistContext:
     return DistContext()
 
 
-def shutdown() -> None:
-    """Destroy the process group if `init_distributed` created it."""
+def shutdown(clean: bool = False) -> None:
+    """Destroy the process group if `init_distributed` created it. clean=True (every rank
+    finished normally): meet at a barrier first, so that no rank tears its gloo pairs
+    down while a peer is still talking to it (seen once as a rank aborting with
+    "terminate called without an active exception" at the end of a run). After an
+    error the peers may never arrive, so no barrier then."""
     global _CONTEXT, _OWNS_GROUP
     if _OWNS_GROUP and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
     _CONTEXT, _OWNS_GROUP = None, False
 

@@ -31,17 +31,18 @@ def test_train_step_cpu(benchmark, dtype, compiled):
     step = harness.make_training_step("cpu", harness.DTYPES[dtype], BATCH, compile=compiled)
     step()  # warm-up (and compilation)
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    forward, weight_grad = _gemm(harness.DTYPES[dtype])
     harness.record(f"train step {dtype} B={BATCH}", "cpu+compile" if compiled else "cpu",
                    benchmark, peak_bytes=harness.step_peak_bytes(step),
-                   gemm=_gemm(harness.DTYPES[dtype]))
+                   gemm=f"{forward}/{weight_grad}")
 
 
-def _gemm(feature_dtype) -> str:
-    """The GEMM kinds (forward/weight-grad) the cpu backend runs here (issue 17)."""
+def _gemm(feature_dtype) -> tuple[str, str]:
+    """The GEMM kinds (forward, weight-grad) the cpu backend runs here (issue 17)."""
     from acf_fast.backends import gemm_choice
 
     c = gemm_choice.for_tensors(torch.empty(1, 49, 2048, dtype=feature_dtype), torch.empty(128, 2048))
-    return f"{c.forward}/{c.weight_grad}"
+    return c.forward, c.weight_grad
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -340,8 +340,11 @@ def main(argv=None) -> int:
 
         # the demo's model is small: one thread avoids OpenMP overhead and contention on 2 cores
         torch.set_num_threads(1)
+    clean = False
     try:
-        return run(args)
+        status = run(args)
+        clean = status == 0
+        return status
     except USER_ERRORS as exc:
         if args.traceback:
             raise
@@ -355,7 +358,7 @@ def main(argv=None) -> int:
     finally:
         from ..distributed import shutdown
 
-        shutdown()   # the process group `train` / `evaluate` started under torchrun, if any
+        shutdown(clean)   # the process group `train` / `evaluate` started under torchrun, if any
 
 
 if __name__ == "__main__":

@@ -62,9 +62,15 @@ print(json.dumps(out))
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    """Each test compiles ACF.forward from scratch (compiled code is cached per code object)."""
+    """Each test compiles ACF.forward from scratch (compiled code is cached per code object),
+    and without Inductor's on-disk caches: a graph cached by an earlier checkout of this
+    project (another custom-op schema) was seen to be reused, calling the op with arguments
+    it no longer has."""
+    import torch._inductor.config as inductor_config
+
     torch._dynamo.reset()
-    yield
+    with inductor_config.patch(force_disable_caches=True):
+        yield
     torch._dynamo.reset()
 
 
