@@ -66,9 +66,10 @@ VARIANTS = {
 KNOWN_SPILLS = {
     # the fused training step's per-user program (kernels.train_step): one slot's [64, 128]
     # r, its gradient and the [D, BLOCK_H] weight slices stay live through the backward
-    # loop; with 16 warps sm_90 spills 5.9 KB (fp32 table) / 4.1 KB (bf16 table on tensor
-    # cores), with 8 warps 6.4 / 6.8 KB. Splitting the slot's work over more programs
-    # (or keeping r in shared memory) is the open part of issue 14.
+    # loop; with 16 warps and 16-unit hidden chunks sm_90 spills 4.7 KB (fp32 table) /
+    # 3.2 KB (bf16 table on tensor cores); with 8 warps or 32-unit chunks more. Splitting
+    # the slot's work over more programs (or keeping r in shared memory) is the open part
+    # of issue 14.
     ("_user_step_kernel", "train step, B=128"),
     # rows of a feature width that is not a multiple of 16 (F = 40: unaligned): 8 bytes
     # with an fp32 table (BLOCK_D 64, 128 registers), 340 bytes (255 registers) with a
