@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..model.feature_cache import no_space, npy_header, reserve
-from ..utils.atomic_folder import fsync_dir
+from ..utils.atomic_folder import fsync_dir, process_alive
 
 GRID = 7
 FORMATS = ("h5", "npy")
@@ -58,16 +58,6 @@ def rows_per_write(dim: int) -> int:
     return n
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True                      # exists, owned by someone else
-    return True
-
-
 def clean_stale(folder: Path) -> None:
     """Remove the temporary feature files of `synth` runs that died in `folder` (13 GB each
     at the real scale)."""
@@ -77,7 +67,7 @@ def clean_stale(folder: Path) -> None:
         return
     for entry in entries:
         m = _TEMP.match(entry.name)
-        if m and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2))):
+        if m and int(m.group(2)) != os.getpid() and not process_alive(int(m.group(2))):
             try:
                 os.unlink(entry.path)
             except OSError:

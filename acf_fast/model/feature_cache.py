@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..utils import env
-from ..utils.atomic_folder import fsync_dir
+from ..utils.atomic_folder import fsync_dir, process_alive
 
 VERSION = 3
 MAGIC = b"ACFCACHE"
@@ -177,16 +177,6 @@ def temp_path(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.tmp-{_WHERE}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, not ours
-    return True
-
-
 def clean_stale_temps(folder: Path, now: float | None = None) -> list[str]:
     """Remove the temporary files of cache conversions that died in `folder`; their names."""
     now = time.time() if now is None else now
@@ -201,7 +191,7 @@ def clean_stale_temps(folder: Path, now: float | None = None) -> list[str]:
             continue
         try:
             age = now - item.stat(follow_symlinks=False).st_mtime
-            dead = ours is not None and ours["where"] == _WHERE and not _alive(int(ours["pid"]))
+            dead = ours is not None and ours["where"] == _WHERE and not process_alive(int(ours["pid"]))
             if dead or age > STALE_TEMP_S:
                 os.unlink(item.path)
                 removed.append(item.name)

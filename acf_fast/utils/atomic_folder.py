@@ -44,7 +44,9 @@ def _fault(step: str) -> None:
         FAULT_HOOK(step)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (this process counts as alive): a dead
+    writer's temporaries may be removed, a live one's never."""
     if pid == os.getpid():
         return True
     try:
@@ -119,7 +121,7 @@ def recover(target) -> None:
     away (the target is missing), and delete the temporary folders of dead processes."""
     target = Path(target)
     for kind, pid, path in leftovers(target):
-        if _alive(pid):
+        if process_alive(pid):
             continue
         if kind == "old" and not os.path.lexists(target):
             os.rename(path, target)
