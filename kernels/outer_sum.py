@@ -5,7 +5,8 @@ Every weight gradient of ACF's training step has the form
     dW[a, b] = sum over rows of A[row, a] * X(row)[b]
 
 with A a dense gradient ([rows, D]: dr, dxr, dz, dut, duu) and X(row) a row of an
-activation, possibly gathered: a feature-table row table[id[row // M], row % M] for
+activation (the autograd backend's dW_red, kernels.reduce.reduce_weight_grad, is the
+same sum), possibly gathered: a feature-table row table[id[row // M], row % M] for
 dW_red, a profile- or user-embedding row by id for W1p, W1u, W2u, or a dense row (r,
 xbar). `_outer_sum_kernel` computes one [BLOCK_A, BLOCK_B] tile of one split's partial
 sum; the splits ([S, NA, NB]) are summed in a fixed order by the optimizer kernel
@@ -27,11 +28,14 @@ from ._common import interpreting, next_pow2
 
 @triton.jit
 def _outer_sum_kernel(
-    a_ptr, x_ptr, ids_ptr, out_ptr,
+    a_ptr, x_ptr, ids_ptr, count_ptr, out_ptr,
     n_rows, rows_per_split, NA, NB, GROUP, stride_id, stride_sub,
     BLOCK_R: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
     PRECISION: tl.constexpr, LOW: tl.constexpr,
 ):
+    """count_ptr (static-shape batches, see fused_acf.distinct_items; None: every row is
+    live and this code is not compiled in): only the first count ids' rows are read (A
+    is 0 past them), spread evenly over the splits the grid was sized for."""
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
     split = tl.program_id(2)
@@ -42,6 +46,11 @@ def _outer_sum_kernel(
     b_ok = offs_b < NB
     row_start = split * rows_per_split
     row_stop = tl.minimum(row_start + rows_per_split, n_rows)
+    if count_ptr is not None:
+        n_live = tl.load(count_ptr) * GROUP
+        per_split = tl.cdiv(tl.cdiv(n_live, tl.num_programs(2)), BLOCK_R) * BLOCK_R
+        row_start = split * per_split
+        row_stop = tl.minimum(row_start + per_split, n_live)
     acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_dtype)
     for r0 in range(row_start, row_stop, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
@@ -90,26 +99,34 @@ def splits_for(n_rows: int, NA: int, NB: int, bl: dict, sm_count: int) -> int:
     return max(1, min(32, (2 * sm_count) // max(1, tiles), n_rows // 512))
 
 
+def split_plan(n_rows: int, NA: int, NB: int, bl: dict, sm_count: int) -> tuple[int, int]:
+    """(splits, rows per split): splits_for's factor, each split a whole number of
+    BLOCK_R row blocks, and no split left empty."""
+    block_r = bl["BLOCK_R"]
+    per = triton.cdiv(triton.cdiv(max(n_rows, 1), splits_for(n_rows, NA, NB, bl, sm_count)),
+                      block_r) * block_r
+    return max(1, triton.cdiv(n_rows, per)), per
+
+
 class OuterSum:
     """One weight gradient's launch, planned once for a fixed batch shape.
 
     a: [n_rows, NA] dense; x: the tensor X(row) reads from; ids (or None), group,
-    stride_id, stride_sub: how a row finds its X row (see the module docstring).
+    stride_id, stride_sub: how a row finds its X row (see the module docstring); count:
+    the live-id count of a static-shape batch (see _outer_sum_kernel), or None.
     `out` ([S, NA, NB], a view into the optimizer's partial buffer) comes from
     `partial_shape` so that the caller can place it."""
 
     def __init__(self, a, x, ids, group: int, stride_id: int, stride_sub: int, NB: int,
-                 sm_count: int = 132, cap: int = 90, low: bool = False, precision: str = "ieee"):
-        self.a, self.x, self.ids = a, x, ids
+                 sm_count: int = 132, cap: int = 90, low: bool = False, precision: str = "ieee",
+                 count=None):
+        self.a, self.x, self.ids, self.count = a, x, ids, count
         self.group, self.stride_id, self.stride_sub = group, stride_id, stride_sub
         self.n_rows, self.NA = a.shape
         self.NB = NB
         self.low, self.precision = low, ("ieee" if low else precision)
         self.bl = blocks(self.NA, NB, low, cap)
-        splits = splits_for(self.n_rows, self.NA, NB, self.bl, sm_count)
-        block_r = self.bl["BLOCK_R"]
-        self.rows_per_split = triton.cdiv(triton.cdiv(max(self.n_rows, 1), splits), block_r) * block_r
-        self.splits = max(1, triton.cdiv(self.n_rows, self.rows_per_split))
+        self.splits, self.rows_per_split = split_plan(self.n_rows, self.NA, NB, self.bl, sm_count)
         self.out: torch.Tensor | None = None
 
     @property
@@ -120,6 +137,6 @@ class OuterSum:
         grid = (triton.cdiv(self.NA, self.bl["BLOCK_A"]), triton.cdiv(self.NB, self.bl["BLOCK_B"]),
                 self.splits)
         _outer_sum_kernel[grid](
-            self.a, self.x, self.ids, self.out, self.n_rows, self.rows_per_split, self.NA,
-            self.NB, self.group, self.stride_id, self.stride_sub, PRECISION=self.precision,
-            LOW=self.low, **self.bl)
+            self.a, self.x, self.ids, self.count, self.out, self.n_rows, self.rows_per_split,
+            self.NA, self.NB, self.group, self.stride_id, self.stride_sub,
+            PRECISION=self.precision, LOW=self.low, **self.bl)

@@ -4,9 +4,9 @@ Two gather-GEMM kernels read the feature table [N+1, M, F] directly through the
 batch's distinct item ids, in the table's stored dtype (fp32, fp16, bf16 or fp64):
 
 - `_reduce_fwd_kernel`:   r[u*M + m, :] = table[ids[u], m, :] @ W_red^T + b_red
-- `_reduce_wgrad_kernel`: dW_red = sum over rows of dr[row, :]^T table[row, :]
-                          (split-K over row ranges; the splits are summed by the host
-                          in a fixed order, so the result is deterministic: no atomics)
+- `reduce_weight_grad`:   dW_red = sum over rows of dr[row, :]^T table[row, :], by
+                          kernels.outer_sum (split-K over row ranges; the splits are
+                          summed by the host in a fixed order: deterministic, no atomics)
 
 Precision (the `LOW` constexpr):
 - 16-bit table, fp32 parameters, sm_80+: tensor cores. The forward multiplies the
@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import outer_sum
 from ._common import dot_precision, interpreting, next_pow2
 
 
@@ -106,60 +107,6 @@ def _reduce_fwd_kernel(
     tl.store(out, acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
-def _reduce_wgrad_kernel(
-    table_ptr, ids_ptr, count_ptr, dr_ptr, out_ptr,
-    n_rows, rows_per_split, M, F, D,
-    stride_item, stride_comp,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
-    PRECISION: tl.constexpr, LOW: tl.constexpr,
-):
-    """partial[split, d, f] = sum over this split's rows of dr[row, d] * x[row, f].
-
-    count_ptr as in the forward: only the live items' rows are read (the others' dr is 0),
-    split evenly over the splits."""
-    pid_d = tl.program_id(0)
-    pid_f = tl.program_id(1)
-    split = tl.program_id(2)
-    acc_dtype = out_ptr.dtype.element_ty
-
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    d_ok = offs_d < D
-    f_ok = offs_f < F
-    row_start = split * rows_per_split
-    row_stop = tl.minimum(row_start + rows_per_split, n_rows)
-    if count_ptr is not None:
-        # the live rows spread over all the splits (the grid is sized for the capacity)
-        n_live = tl.load(count_ptr) * M
-        per_split = tl.cdiv(tl.cdiv(n_live, tl.num_programs(2)), BLOCK_R) * BLOCK_R
-        row_start = split * per_split
-        row_stop = tl.minimum(row_start + per_split, n_live)
-    acc = tl.zeros([BLOCK_D, BLOCK_F], dtype=acc_dtype)
-    for r0 in range(row_start, row_stop, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        row_ok = rows < row_stop
-        item = tl.load(ids_ptr + rows // M, mask=row_ok, other=0).to(tl.int64)
-        comp = (rows % M).to(tl.int64)
-        x = tl.load(table_ptr + (item * stride_item + comp * stride_comp)[:, None] + offs_f[None, :],
-                    mask=row_ok[:, None] & f_ok[None, :], other=0.0)
-        # dr is [n_rows, D]; read its transpose tile [BLOCK_D, BLOCK_R]
-        g = tl.load(dr_ptr + rows[None, :].to(tl.int64) * D + offs_d[:, None],
-                    mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-        if LOW:
-            if table_ptr.dtype.element_ty == tl.float16:
-                # tf32 tensor cores: an fp16 row is exact in tf32 (10-bit mantissa, fp32's
-                # range), and dr keeps 10 mantissa bits instead of bf16's 7
-                acc = tl.dot(g, x.to(tl.float32), acc, input_precision="tf32",
-                             out_dtype=tl.float32)
-            else:  # bf16 x bf16 products (bf16 keeps fp32's range), fp32 sums
-                acc = tl.dot(g.to(tl.bfloat16), x.to(tl.bfloat16), acc, out_dtype=tl.float32)
-        else:
-            acc = tl.dot(g, x.to(acc_dtype), acc, input_precision=PRECISION, out_dtype=acc_dtype)
-    out = out_ptr + split.to(tl.int64) * D * F + offs_d[:, None].to(tl.int64) * F + offs_f[None, :]
-    tl.store(out, acc, mask=d_ok[:, None] & f_ok[None, :])
-
-
 # ---------------------------------------------------------------------- launchers
 
 def use_tensor_cores(table_dtype: torch.dtype, compute_dtype: torch.dtype,
@@ -205,19 +152,6 @@ def fwd_blocks(D: int, low: bool = False, cap: int = 90) -> dict:
                 num_stages=3 if cap >= 80 else 2)
 
 
-def wgrad_blocks(D: int, low: bool = False, cap: int = 90) -> dict:
-    if interpreting():
-        return dict(BLOCK_R=16, BLOCK_D=max(16, min(64, next_pow2(D))), BLOCK_F=16)
-    block_d = min(128, max(16, next_pow2(D)))
-    if low:  # [128, 128] fp32 accumulator over 8 warps: 114-128 registers, 66 KB of shared
-        # memory on sm_90, so two programs an SM; with the split-K factor below, the 16
-        # column tiles x 16 splits of a B = 128 batch are one wave on 132 SMs
-        return dict(BLOCK_R=64, BLOCK_D=block_d, BLOCK_F=128, num_warps=8,
-                    num_stages=3 if cap >= 80 else 1)
-    return dict(BLOCK_R=32, BLOCK_D=block_d, BLOCK_F=64, num_warps=8,
-                num_stages=3 if cap >= 80 else 2)
-
-
 def _precision(low: bool, compute_dtype: torch.dtype, device: torch.device) -> str:
     """fp32-dot precision; unused by tensor-core variants, so fixed there (toggling TF32
     then does not compile a second, identical kernel)."""
@@ -255,35 +189,21 @@ def reduce_items(table: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor,
     return out
 
 
-def wgrad_splits(n_rows: int, D: int, F: int, blocks: dict, sm_count: int) -> int:
-    """Split-K factor: enough programs for about two waves over the GPU's SMs, each
-    split at least 512 rows (so the [splits, D, F] partials stay a small extra cost)."""
-    if interpreting():
-        return 1
-    tiles = triton.cdiv(D, blocks["BLOCK_D"]) * triton.cdiv(F, blocks["BLOCK_F"])
-    return max(1, min(32, (2 * sm_count) // max(1, tiles), n_rows // 512))
-
-
 def reduce_weight_grad(table: torch.Tensor, ids: torch.Tensor, dr: torch.Tensor,
                        count: torch.Tensor | None = None) -> torch.Tensor:
     """dW_red [D, F] = sum over (distinct item, component) rows of dr^T x; with `count`
-    (see reduce_items) over the live items' rows only."""
+    (see reduce_items) over the live items' rows only. The split-K gather-GEMM of
+    kernels.outer_sum (the fused training step's dW_red too); its splits are summed here."""
     _, M, F = table.shape
     U, _, D = dr.shape
     n_rows = U * M
     if n_rows == 0:
         return dr.new_zeros((D, F))
-    dr = dr.contiguous()
     low, cap = _launch_info(table, dr.dtype)
-    blocks = wgrad_blocks(D, low, cap)
     sms = _sm_count(dr.device) if dr.device.type == "cuda" else 132
-    splits = wgrad_splits(n_rows, D, F, blocks, sms)
-    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), blocks["BLOCK_R"]) * blocks["BLOCK_R"]
-    splits = triton.cdiv(n_rows, rows_per_split)
-    partial = torch.empty((splits, D, F), device=dr.device, dtype=dr.dtype)
-    grid = (triton.cdiv(D, blocks["BLOCK_D"]), triton.cdiv(F, blocks["BLOCK_F"]), splits)
-    _reduce_wgrad_kernel[grid](
-        table, ids, count, dr, partial, n_rows, rows_per_split, M, F, D,
-        table.stride(0), table.stride(1),
-        PRECISION=_precision(low, dr.dtype, table.device), LOW=low, **blocks)
-    return partial[0] if splits == 1 else partial.sum(0)
+    plan = outer_sum.OuterSum(dr.contiguous().view(n_rows, D), table, ids, M, table.stride(0),
+                              table.stride(1), F, sms, cap, low,
+                              _precision(low, dr.dtype, table.device), count)
+    plan.out = torch.empty(plan.partial_shape, device=dr.device, dtype=dr.dtype)
+    plan.launch()
+    return plan.out[0] if plan.splits == 1 else plan.out.sum(0)

@@ -290,21 +290,23 @@ def test_custom_ops_pass_opcheck(capacity):
 def test_gpu_tile_sizes_and_split_weight_gradient(monkeypatch):
     """The reduction's GPU tiles (64-row blocks, 32-wide K steps) and its split-K weight
     gradient (several row ranges summed on the host) also run under the interpreter."""
+    import acf_fast.kernels.outer_sum as outer_sum
     import acf_fast.kernels.reduce as reduce
 
     monkeypatch.setattr(reduce, "interpreting", lambda: False)
+    monkeypatch.setattr(outer_sum, "interpreting", lambda: False)   # dW_red's kernel
     assert reduce.fwd_blocks(64)["BLOCK_R"] == 64
     ref, tri = twins(n_users=4, n_items=24, m=49, f=40, d=64)
     ids = torch.arange(1, 25, device=DEVICE).view(4, 6)  # 24 distinct items: 1176 rows
     batch = random_batch(ref, batch=4, seed=11)._replace(profile_ids=ids, profile_mask=ids != 0)
     calls = []
-    real = reduce._reduce_wgrad_kernel
+    real = outer_sum._outer_sum_kernel
 
     class Spy:
         def __getitem__(self, grid):
             calls.append(grid)
             return real[grid]
 
-    monkeypatch.setattr(reduce, "_reduce_wgrad_kernel", Spy())
+    monkeypatch.setattr(outer_sum, "_outer_sum_kernel", Spy())
     assert_backends_agree(ref, tri, batch)
     assert calls and all(grid[2] > 1 for grid in calls), calls

@@ -32,8 +32,9 @@ import pytest
 pytest.importorskip("triton")
 
 CAPS = (75, 80, 90)
-# the fused training step's kernels (acf_fast.training.fused_step) target sm_80 and later
-TRAINING_ONLY = {"_user_step_kernel", "_outer_sum_kernel", "_adam_kernel"}
+# the fused training step's own kernels (acf_fast.training.fused_step) target sm_80 and
+# later (its _outer_sum_kernel is also the autograd backend's dW_red: compiled everywhere)
+TRAINING_ONLY = {"_user_step_kernel", "_adam_kernel"}
 # per-block shared memory limits (bytes) of the architectures, opt-in maximums
 SHARED_LIMIT = {75: 65536, 80: 166912, 90: 232448}
 D_VALUES = (64, 128, 256)   # model_dim values the checks cover
@@ -102,6 +103,7 @@ def cases(cap: int = 90):
     from acf_fast.backends import triton as _backend  # noqa: F401  (resolves acf_fast.kernels)
     from acf_fast.kernels import component_attention as ca
     from acf_fast.kernels import item_attention as ia
+    from acf_fast.kernels import outer_sum as osum
     from acf_fast.kernels import reduce as rd
 
     out = []
@@ -153,14 +155,15 @@ def cases(cap: int = 90):
                          b_ptr=_ptr(compute), out_ptr=_ptr(compute), n_rows=n_rows, M=M,
                          F=F, D=D, stride_item=M * F, stride_comp=F, **counted),
                     dict(PRECISION=precision, LOW=low, **uncounted, **rd.fwd_blocks(D, low, cap)))
-                wb = rd.wgrad_blocks(D, low, cap)
-                splits = rd.wgrad_splits(n_rows, D, F, wb, 132)  # an H100's SMs
+                # dW_red: kernels.outer_sum over the table's rows (reduce_weight_grad)
+                wb = osum.blocks(D, F, low, cap)
+                splits = osum.splits_for(n_rows, D, F, wb, 132)  # an H100's SMs
                 block_r = wb["BLOCK_R"]
                 rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_r) * block_r
-                add(rd._reduce_wgrad_kernel,
-                    dict(table_ptr=_ptr(table), ids_ptr="*i64", dr_ptr=_ptr(compute),
+                add(osum._outer_sum_kernel,
+                    dict(a_ptr=_ptr(compute), x_ptr=_ptr(table), ids_ptr="*i64",
                          out_ptr=_ptr(compute), n_rows=n_rows, rows_per_split=rows_per_split,
-                         M=M, F=F, D=D, stride_item=M * F, stride_comp=F, **counted),
+                         NA=D, NB=F, GROUP=M, stride_id=M * F, stride_sub=F, **counted),
                     dict(PRECISION=precision, LOW=low, **uncounted, **wb))
         c = _ptr(compute)
         bl = ca.blocks(M, D)
@@ -230,7 +233,7 @@ def cases(cap: int = 90):
                     bl = outer_sum.blocks(D, NB, xlow, cap)
                     splits = outer_sum.splits_for(rows, D, NB, bl, 132)
                     per = triton.cdiv(triton.cdiv(rows, splits), bl["BLOCK_R"]) * bl["BLOCK_R"]
-                    extra = {} if ids else dict(ids_ptr=None)
+                    extra = dict(count_ptr=None, **({} if ids else dict(ids_ptr=None)))
                     add(outer_sum._outer_sum_kernel,
                         dict(a_ptr=c, x_ptr=_ptr(x), out_ptr=c, n_rows=rows, rows_per_split=per,
                              NA=D, NB=NB, GROUP=M if NB == F else 1, stride_id=M * F if NB == F else D,

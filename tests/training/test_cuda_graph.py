@@ -65,10 +65,10 @@ def test_reduction_kernels_skip_the_dead_items(splits, monkeypatch):
     """r of the items past the live count is exactly 0 (so that products with it stay
     finite); dW_red reads the live items' rows only, whatever dr holds past them, also
     when its rows are split over several programs (as on a GPU)."""
-    from acf_fast.kernels import reduce as rd
+    from acf_fast.kernels import outer_sum
     from acf_fast.kernels.reduce import reduce_items, reduce_weight_grad
 
-    monkeypatch.setattr(rd, "wgrad_splits", lambda *args: splits)
+    monkeypatch.setattr(outer_sum, "splits_for", lambda *args: splits)
 
     g = torch.Generator().manual_seed(0)
     # M = 20: 140 rows, 60 of them live, so that with 5 splits the live rows span several
