@@ -89,9 +89,8 @@ class _Plan:
         sizes = {"vec": B * self.vec_width, "dut": B * D, "duu": B * D}
         for name, s in self.sums.items():
             sizes[name] = s.splits * s.NA * s.NB
-        for name in ("i_wu", "c_wu"):   # A = dut / duu, X = user rows: planned after allocation
-            probe = O(empty(B, D), w.user_emb, None, 1, D, 0, D, sms, cap, False, prec)
-            sizes[name] = probe.splits * D * D
+        for name in ("i_wu", "c_wu"):   # A = dut / duu (views into the buffer below): [D, D]
+            sizes[name] = osum.split_plan(B, D, D, osum.blocks(D, D, False, cap), sms)[0] * D * D
         self.part_offset, total = {}, 0
         for name, n in sizes.items():
             self.part_offset[name] = total
@@ -164,14 +163,13 @@ class FusedTrainStep:
         self.loss_code = ts.LOSS_CODES[loss]
         self.tied = self.weights.profile_emb is self.weights.item_emb
         self.capture = capture
-        self.width = model.max_profile_size
         self.reset()
 
     def reset(self) -> None:
         """(Re)adopt the optimizer's state (after `optimizer.load_state_dict`) and drop plans."""
         self.state = FlatAdamState(self.model, self.optimizer)
         self.weights = ACFWeights.of(self.model)
-        self._plans, self._graphs = {}, {}
+        self._plans, self._inputs, self._graphs = {}, {}, {}
         self.loss = torch.zeros(1, dtype=self.state.dtype, device=self.state.device)
         self._source = None
         self.replays = 0
@@ -179,25 +177,29 @@ class FusedTrainStep:
     # ------------------------------------------------------------------ feeding
     def step(self, user_ids, profile_ids, pos, neg) -> torch.Tensor:
         """One step on one batch; returns the loss as a device scalar (no sync)."""
-        B, P = profile_ids.shape
-        P = max(P, 1)
-        key = ("batch", B, P)
-        src = self._batch_buffers(key, B, P)
-        src["users"].copy_(user_ids)
-        src["pos"].copy_(pos)
-        src["neg"].copy_(neg)
-        src["profiles"].zero_()
-        src["profiles"][:, :profile_ids.shape[1]].copy_(profile_ids)
-        self._run(key, B, P, src, advance=False)
+        src, B, P = self._load(user_ids, profile_ids, pos, neg)
+        self._run(("batch", B, P), B, P, src, advance=False)
         return self.loss[0]
 
-    def _batch_buffers(self, key, B, P):
-        if key not in self._plans:
+    def _load(self, user_ids, profile_ids, pos, neg):
+        """Copy a batch into the input buffers of its shape (made once): (buffers, B, P)."""
+        B, P = profile_ids.shape[0], max(profile_ids.shape[1], 1)
+        if (B, P) not in self._inputs:
             dev = self.state.device
             ids = lambda *s: torch.zeros(s, dtype=torch.int64, device=dev)  # noqa: E731
-            self._plans[key] = dict(users=ids(B), pos=ids(B), neg=ids(B), profiles=ids(B, P),
-                                    order=torch.arange(B, device=dev), cursor=ids(1))
-        return self._plans[key]
+            self._inputs[(B, P)] = dict(users=ids(B), pos=ids(B), neg=ids(B), profiles=ids(B, P),
+                                        order=torch.arange(B, device=dev), cursor=ids(1))
+        src = self._inputs[(B, P)]
+        for name, value in (("users", user_ids), ("pos", pos), ("neg", neg)):
+            src[name].copy_(value)
+        src["profiles"].zero_()
+        src["profiles"][:, :profile_ids.shape[1]].copy_(profile_ids)
+        return src, B, P
+
+    def _plan(self, B: int, P: int) -> _Plan:
+        if (B, P) not in self._plans:
+            self._plans[(B, P)] = _Plan(self, B, P)
+        return self._plans[(B, P)]
 
     def bind_epoch(self, users, profiles, pos, neg, order, batch_size: int | None = None,
                    start: int = 0) -> None:
@@ -228,10 +230,7 @@ class FusedTrainStep:
 
     # ------------------------------------------------------------------ launching
     def _run(self, key, B, P, src, advance: bool) -> None:
-        plan_key = (B, P)
-        if plan_key not in self._plans:
-            self._plans[plan_key] = _Plan(self, B, P)
-        plan = self._plans[plan_key]
+        plan = self._plan(B, P)
         if not self.capture:
             self.launch(plan, src, advance)
             return
@@ -289,16 +288,8 @@ class FusedTrainStep:
     def loss_and_gradients(self, user_ids, profile_ids, pos, neg):
         """(loss, gradients in weights_unique() order) of one batch, parameters untouched:
         the step's kernels without the optimizer, the sums done with torch (for tests)."""
-        B, P = profile_ids.shape
-        P = max(P, 1)
-        src = self._batch_buffers(("batch", B, P), B, P)
-        for name, value in (("users", user_ids), ("pos", pos), ("neg", neg)):
-            src[name].copy_(value)
-        src["profiles"].zero_()
-        src["profiles"][:, :profile_ids.shape[1]].copy_(profile_ids)
-        if (B, P) not in self._plans:
-            self._plans[(B, P)] = _Plan(self, B, P)
-        self.launch(self._plans[(B, P)], src, advance=False, update=False)
+        src, B, P = self._load(user_ids, profile_ids, pos, neg)
+        self.launch(self._plan(B, P), src, advance=False, update=False)
         grads = self.gradients()
         scale = self._scale(self._last)
         return scale * self._last.terms.sum(), [grads[name] for name in self.state.names]
@@ -316,9 +307,8 @@ class FusedTrainStep:
         lists = [(plan.user_ids, plan.duser), (plan.item_ids, plan.ditem),
                  (plan.prof_ids, plan.dprof)]
         out = {}
-        for row in plan.seg_table.tolist():
-            _, numel, offset, part_off, stride, n, la, lb, width, skip_zero = row
-            name = next(k for k in st.names if st.offsets[k] == offset)
+        for name, row in zip(st.names, plan.seg_table.tolist()):   # one row a name, in order
+            _, numel, _, part_off, stride, n, la, lb, width, skip_zero = row
             g = torch.zeros(numel, dtype=st.dtype, device=st.device)
             for k in range(n):
                 g += plan.partials[part_off + k * stride:part_off + k * stride + numel]

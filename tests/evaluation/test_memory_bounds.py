@@ -87,18 +87,24 @@ print(json.dumps({"added": (kb("VmHWM") - base) * 1024}))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux /proc")
-def test_evaluation_memory_does_not_grow_with_the_number_of_users():
-    """33,000-item catalogue: 40x more users must not need more memory (blocked scoring)."""
-    # a fixed mmap threshold makes glibc return every large block at once, so the high-water
-    # mark shows live memory rather than heap fragmentation from repeated block allocations
+def _added_memory(script: str, user_counts) -> dict:
+    """{n_users: bytes the script's measured call added} from a fresh process each. A fixed
+    mmap threshold makes glibc return every large block at once, so the high-water mark
+    shows live memory rather than heap fragmentation from repeated block allocations."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     added = {}
-    for n_users in (100, 4000):
-        out = subprocess.run([sys.executable, "-c", _EVAL, str(n_users)],
+    for n_users in user_counts:
+        out = subprocess.run([sys.executable, "-c", script, str(n_users)],
                              capture_output=True, text=True, timeout=600, env=env)
         assert out.returncode == 0, out.stderr
         added[n_users] = json.loads(out.stdout.strip().splitlines()[-1])["added"]
+    return added
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux /proc")
+def test_evaluation_memory_does_not_grow_with_the_number_of_users():
+    """33,000-item catalogue: 40x more users must not need more memory (blocked scoring)."""
+    added = _added_memory(_EVAL, (100, 4000))
     # a [4000, 33000] float32 score matrix alone would be 503 MB
     assert added[4000] < 64 * 2**20, added
     assert added[4000] < added[100] + 4 * 2**20, added
@@ -134,12 +140,6 @@ def test_recommend_all_on_the_reference_backend_is_blocked_over_users():
     """The reference backend gathers [B, 9, 49, F] features for B users: 4,000 users at once
     would take 226 MB for the gather alone (100k users of the demo's F = 64: 10.5 GiB).
     Blocked over users, 10x more users add only their [B, N] result."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    added = {}
-    for n_users in (400, 4000):
-        out = subprocess.run([sys.executable, "-c", _RECOMMEND, str(n_users)],
-                             capture_output=True, text=True, timeout=600, env=env)
-        assert out.returncode == 0, out.stderr
-        added[n_users] = json.loads(out.stdout.strip().splitlines()[-1])["added"]
+    added = _added_memory(_RECOMMEND, (400, 4000))
     assert added[4000] < 64 * 2**20, added
     assert added[4000] < added[400] + 4000 * 200 * 4 + 8 * 2**20, added
