@@ -29,8 +29,10 @@ def kernels(B: int) -> list[tuple[str, float, float, float]]:
     rows_f32 = R * D * ACC    # one [R, D] fp32 buffer (r, dr or dxr)
     splits = 16               # dW_red split-K partials (kernels.outer_sum.splits_for, B = 128)
     return [
-        ("train_step (fwd+loss+bwd, per user)", R * F * TABLE + 3 * rows_f32 + rows_f32,
-         2 * R * F * D, 3 * 2 * R * D * D),
+        ("slot_forward (r, beta, xbar; per slot)", R * F * TABLE + rows_f32 + S * D * ACC,
+         2 * R * F * D, 2 * R * D * D),
+        ("user_step (item attention, loss, dz; per user)", 4 * S * D * ACC, 0, 3 * 2 * S * D * D),
+        ("slot_backward (dxr, dr; per slot)", 3 * rows_f32 + S * D * ACC, 0, 2 * 2 * R * D * D),
         ("outer_sum dW_red = dr^T x", rows_f32 + R * F * TABLE + splits * D * F * ACC,
          2 * R * F * D, 0),
         ("outer_sum dW2x = dxr^T r", 2 * rows_f32, 0, 2 * R * D * D),
@@ -48,6 +50,13 @@ def adam_scan_l2_bytes(B: int) -> float:
     return programs * B * (P + 3) * 8
 
 
+def slot_l2_bytes(B: int) -> float:
+    """W_red (bf16) and the [D, D] fp32 weights each slot program reads from L2: every
+    one of the B * P programs streams the whole W_red, which is the step's largest L2
+    traffic (not HBM: the weights stay resident)."""
+    return B * P * (D * F * TABLE + 5 * D * D * ACC)
+
+
 def table(B: int) -> str:
     lines = [f"B = {B} ({B * P} slots, {B * P * M:,} rows)", "",
              "| launch | HBM MB | TC GFLOP | fp32 GFLOP | " +
@@ -62,9 +71,10 @@ def table(B: int) -> str:
             times.append(f"{t:.0f}")
         lines.append(f"| {name} | {nbytes / 1e6:.0f} | {tc / 1e9:.1f} | {fp / 1e9:.2f} | "
                      + " | ".join(times) + " |")
-    lines.append("| **step (8 launches)** | | | | "
+    lines.append("| **step (10 launches)** | | | | "
                  + " | ".join(f"**{totals[g]:.0f}**" for g in GPUS) + " |")
-    lines.append(f"\nplus the optimizer's id scan: {adam_scan_l2_bytes(B) / 1e6:.0f} MB of L2 reads")
+    lines.append(f"\nplus L2 reads: the slot kernels' weights {slot_l2_bytes(B) / 1e6:.0f} MB, "
+                 f"the optimizer's id scan {adam_scan_l2_bytes(B) / 1e6:.0f} MB")
     return "\n".join(lines)
 
 

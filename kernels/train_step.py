@@ -1,38 +1,53 @@
-"""ACF's training step, forward and backward of one user, in one Triton program.
+"""ACF's training step, forward and backward, in three Triton launches.
 
-Why one program per user: everything ACF computes for a triplet (i, pos, neg) depends
-only on user i's profile, except WARP's batch-global weight log(V + 1) + 1. That
-weight multiplies every gradient of the batch alike, so the step computes the
-gradients *unweighted* (each example's own coefficient dL_i/ds_neg) and the optimizer
-kernel (acf_fast.kernels.adam) applies the weight and the mean's 1/B when it sums the
-partial gradients. So no grid-wide barrier is needed, and forward, loss and backward
-of a user run back to back while its activations are still in registers or in L2.
+Why this split: everything ACF computes for a triplet (i, pos, neg) depends only on
+user i's profile, except WARP's batch-global weight log(V + 1) + 1. That weight
+multiplies every gradient of the batch alike, so the step computes the gradients
+*unweighted* (each example's own coefficient dL_i/ds_neg) and the optimizer kernel
+(acf_fast.kernels.adam) applies the weight and the mean's 1/B when it sums the
+partial gradients: no grid-wide barrier is needed. Within a user, the item attention
+needs every slot's xbar and each slot's backward needs the item attention's dz, so a
+user's work is three phases, one launch each:
+
+    _slot_forward_kernel   one program per profile slot (B * P)
+    _user_step_kernel      one program per user (B)
+    _slot_backward_kernel  one program per profile slot (B * P)
+
+A slot's [49, 128] activations are the bulk of the work. One program per user, looping
+over its slots, kept a slot's r, its hidden layer and their gradients in registers
+beside the user's item-attention tiles and spilled on sm_90 (4.7 KB with an fp32
+table, 3.2 KB with bf16); a program per slot holds one slot's tiles only, and B * P
+programs (1,152 at B = 128) fill the GPU where B did one program per SM.
 
 For user i with triplet t = order[cursor * order_stride + i] (the epoch's order stays
 on the device, order_stride is the run's batch size, and `cursor` advances on the
-device after each step, see kernels.adam):
+device after each step, see kernels.adam), per profile slot l holding item s (id 0
+is padding):
 
-    forward, per profile slot l holding item s (slots with id 0 are padding):
-        r      = x_s W_red^T + b_red                  [M, D]  tensor cores (tl.dot)
-        beta   = softmax_m(w2 . relu(r W2x^T + b2x + uu) + c2),  uu = W2u u + b2u
-        xbar_l = beta^T r                             [D]
-    then over the slots:
-        z      = p W1p^T + b1p + xbar W1x^T + b1x + ut,  ut = W1u u + b1u
-        alpha  = softmax_l(w1 . relu(z) + c1)          (0 for an empty profile)
-        user   = ut + alpha^T p,   s = user . v / D
-    backward from c = dL_i/ds_neg = -dL_i/ds_pos (all three losses are functions of
-    s_neg - s_pos), unweighted.
+    r      = x_s W_red^T + b_red                   [M, D]  tensor cores (tl.dot)
+    h      = r W2x^T + b2x + uu,  uu = W2u u + b2u
+    beta   = softmax_m(w2 . relu(h) + c2),  xbar_l = beta^T r          (slot forward)
+    z      = p W1p^T + b1p + xbar W1x^T + b1x + ut,  ut = W1u u + b1u
+    alpha  = softmax_l(w1 . relu(z) + c1)           (0 for an empty profile)
+    user   = ut + alpha^T p,   s = user . v / D                         (user step)
 
-Written per user (no atomics: one writer per element, so the step is deterministic):
-r, dr and dxr per (slot, component) row for the weight-gradient GEMMs
-(kernels.outer_sum), xbar, dz, dut, duu for the small ones, the embedding-row
-gradients with their ids (summed per row by the optimizer kernel), per-user partial
-sums of the vector parameters' gradients, and the loss term and violation flag.
+and the backward from c = dL_i/ds_neg = -dL_i/ds_pos (all three losses are functions
+of s_neg - s_pos): the user step down to dz and dxbar_l = dz_l W1x, the slot backward
+from there to dr and dxr.
 
-Padding slots write zeros, so the row-wise weight-gradient GEMMs may sum over every
-row without a mask. r is written by the forward loop and read back by the backward
-loop of the same program: `tl.debug_barrier()` orders those accesses across threads.
+Written (no atomics: one writer per element, so the step is deterministic): r, dr and
+dxr per (slot, component) row for the weight-gradient GEMMs (kernels.outer_sum); xbar,
+dz, dut and per-slot duu for the small ones; the embedding-row gradients with their
+ids (summed per row by the optimizer kernel: a user's row comes as one piece from the
+user step and one from each of its slots); per-user and per-slot partial sums of the
+vector parameters' gradients; the loss term and violation flag. Padding slots write
+zeros, so the row-wise weight-gradient GEMMs may sum over every row without a mask.
+
+Products with a [D, D] weight read their left operand back from memory in column
+chunks (_rows_dot), after a `tl.debug_barrier()` that makes this program's stores of
+it visible to all its threads.
 """
+
 
 from __future__ import annotations
 
@@ -44,38 +59,48 @@ LOSS_CODES = {"warp": WARP, "sigmoid": SIGMOID, "bpr": BPR}
 
 
 @triton.jit
-def _pick(vec, offs, k):
-    """vec[k] as a scalar (a masked sum: Triton has no scalar indexing of a block)."""
-    return tl.sum(tl.where(offs == k, vec, 0), axis=0)
+def _matvec(w_ptr, x_ptr, offs_d, d_ok, D, acc, TRANSPOSED: tl.constexpr, BLOCK_KD: tl.constexpr):
+    """acc + W x (or acc + W^T x, TRANSPOSED) for a row-major [D, D] W, with x read from
+    memory in chunks of BLOCK_KD: a whole [D, D] tile would take 32 registers a thread."""
+    for k0 in range(0, D, BLOCK_KD):
+        offs_k = k0 + tl.arange(0, BLOCK_KD)
+        k_ok = offs_k < D
+        x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
+        if TRANSPOSED:   # sum_k W[k, j] x[k]
+            w = tl.load(w_ptr + offs_k[:, None] * D + offs_d[None, :],
+                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            acc += tl.sum(w * x[:, None], axis=0)
+        else:            # sum_k W[j, k] x[k]
+            w = tl.load(w_ptr + offs_d[:, None] * D + offs_k[None, :],
+                        mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.sum(w * x[None, :], axis=1)
+    return acc
 
 
 @triton.jit
-def _pick_row(tile, offs, k):
-    """tile[k, :] of a [BLOCK_P, BLOCK_D] block."""
-    return tl.sum(tl.where((offs == k)[:, None], tile, 0.0), axis=0)
+def _rows_dot(a_rows, a_ok, w_ptr, offs_d, d_ok, D, acc,
+              TRANSPOSED: tl.constexpr, BLOCK_KD: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + A W^T (TRANSPOSED) or acc + A W: A's rows start at the pointers `a_rows`
+    (D contiguous values each, rows with a_ok False read as 0), W a row-major [D, D].
 
-
-@triton.jit
-def _matvec(w_ptr, b_ptr, x, offs_o, o_ok, offs_i, i_ok, D):
-    """W x + b for a row-major [D, D] W: indexed by output along axis 0 of W's tile."""
-    w = tl.load(w_ptr + offs_o[:, None] * D + offs_i[None, :],
-                mask=o_ok[:, None] & i_ok[None, :], other=0.0)
-    return tl.sum(w * x[None, :], axis=1) + tl.load(b_ptr + offs_o, mask=o_ok, other=0.0)
-
-
-@triton.jit
-def _vecmat(w_ptr, g, offs_o, o_ok, offs_i, i_ok, D):
-    """g^T W for a row-major [D, D] W (the gradient of W x with respect to x)."""
-    w = tl.load(w_ptr + offs_o[:, None] * D + offs_i[None, :],
-                mask=o_ok[:, None] & i_ok[None, :], other=0.0)
-    return tl.sum(w * g[:, None], axis=0)
-
-
-@triton.jit
-def _transposed(w_ptr, offs_in, in_ok, offs_out, out_ok, D):
-    """W^T of a row-major [D, D] W as a [in, out] tile: x @ W^T through tl.dot."""
-    return tl.load(w_ptr + offs_out[None, :] * D + offs_in[:, None],
-                   mask=in_ok[:, None] & out_ok[None, :], other=0.0)
+    The contraction runs over chunks of BLOCK_KD columns of A read from memory (an
+    activation this program has just stored, so L1/L2), never over a whole [rows, D]
+    operand held in registers: on CUDA cores (fp32 "ieee") a dot keeps each thread's
+    rows and columns of both operands over the full K, and with K = D = 128 that
+    spilled kilobytes on sm_90."""
+    for k0 in range(0, D, BLOCK_KD):
+        offs_k = k0 + tl.arange(0, BLOCK_KD)
+        k_ok = offs_k < D
+        a = tl.load(a_rows[:, None] + offs_k[None, :], mask=a_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        if TRANSPOSED:   # W^T[k, j] = W[j, k]
+            w = tl.load(w_ptr + offs_d[None, :] * D + offs_k[:, None],
+                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            w = tl.load(w_ptr + offs_k[:, None] * D + offs_d[None, :],
+                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    return acc
 
 
 @triton.jit
@@ -102,66 +127,85 @@ def _reduce_rows(table_ptr, item, stride_item, stride_comp, redw_ptr, redb_ptr,
 
 
 @triton.jit
-def _hidden_chunk(r, u, cwx_ptr, cbx_ptr, cwu_ptr, cbu_ptr, h0, offs_h, offs_d, d_ok, D,
-                  PRECISION: tl.constexpr):
-    """Columns h0 .. h0 + BLOCK_H of h = r W2x^T + b2x + uu (before the relu). Chunked
-    over H so that only a [D, BLOCK_H] slice of W2x is live beside r: a whole [D, D]
-    tile next to r spilled (55 KB on sm_90; chunks of 32 units: 5.9 KB, of 16: 4.7 KB). uu's chunk (W2u u + b2u) is recomputed here, a [BLOCK_H, D]
-    product, rather than kept as a [D] vector that a chunk could not be sliced from."""
-    cols = h0 + offs_h
-    h_ok = cols < D
-    w_t = tl.load(cwx_ptr + cols[None, :] * D + offs_d[:, None],
-                  mask=d_ok[:, None] & h_ok[None, :], other=0.0)
-    bias = (tl.load(cbx_ptr + cols, mask=h_ok, other=0.0)
-            + _matvec(cwu_ptr, cbu_ptr, u, cols, h_ok, offs_d, d_ok, D))
-    return tl.dot(r, w_t, input_precision=PRECISION, out_dtype=r.dtype) + bias[None, :], cols, h_ok
-
-
-@triton.jit
-def _component_softmax(r, u, cwx_ptr, cbx_ptr, cwu_ptr, cbu_ptr, cw_ptr, cb, offs_d, d_ok,
-                       m_ok, D,
-                       BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
-    """beta of one slot: softmax_m(w2 . relu(h_m) + c2), h built chunk by chunk."""
-    offs_h = tl.arange(0, BLOCK_H)
-    e = tl.zeros([BLOCK_M], dtype=r.dtype)
-    for h0 in range(0, D, BLOCK_H):
-        h, cols, h_ok = _hidden_chunk(r, u, cwx_ptr, cbx_ptr, cwu_ptr, cbu_ptr, h0, offs_h,
-                                      offs_d, d_ok, D, PRECISION)
-        cw = tl.load(cw_ptr + cols, mask=h_ok, other=0.0)
-        e += tl.sum(tl.maximum(h, 0.0) * cw[None, :], axis=1)
-    e = tl.where(m_ok, e + cb, float("-inf"))
+def _component_scores(r_rows, m_ok, uu, cwx_ptr, cbx_ptr, cw_ptr, cb_ptr, offs_d, d_ok, D,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KD: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """(h, beta) of one slot: h = r W2x^T + b2x + uu before the relu, [BLOCK_M, BLOCK_D],
+    and beta = softmax_m(w2 . relu(h) + c2), with r read from memory at `r_rows`."""
+    h = tl.zeros([BLOCK_M, BLOCK_D], dtype=uu.dtype)
+    h = _rows_dot(r_rows, m_ok, cwx_ptr, offs_d, d_ok, D, h, True, BLOCK_KD, PRECISION)
+    h += (tl.load(cbx_ptr + offs_d, mask=d_ok, other=0.0) + uu)[None, :]
+    cw = tl.load(cw_ptr + offs_d, mask=d_ok, other=0.0)
+    e = tl.sum(tl.maximum(h, 0.0) * cw[None, :], axis=1)
+    e = tl.where(m_ok, e + tl.load(cb_ptr), float("-inf"))
     p = tl.where(m_ok, tl.exp(e - tl.max(e, axis=0)), 0.0)
-    return p / tl.sum(p, axis=0)
+    return h, p / tl.sum(p, axis=0)
 
 
 @triton.jit
-def _spread(part, cols, offs_d):
-    """A [BLOCK_H] chunk as a [BLOCK_D] vector (zeros outside the chunk's columns)."""
-    return tl.sum(tl.where(cols[:, None] == offs_d[None, :], part[:, None], 0.0), axis=0)
+def _slot_of(order_ptr, cursor_ptr, order_stride, users_ptr, profiles_ptr, profile_stride, slot, P):
+    """(user row, item) of a profile slot: slot = i * P + l is slot l of batch user i."""
+    cursor = tl.load(cursor_ptr).to(tl.int64)
+    t = tl.load(order_ptr + cursor * order_stride + slot // P).to(tl.int64)
+    uid = tl.load(users_ptr + t).to(tl.int64)
+    item = tl.load(profiles_ptr + t * profile_stride + slot % P).to(tl.int64)
+    return uid, item
+
+
+@triton.jit
+def _slot_forward_kernel(
+    order_ptr, cursor_ptr, order_stride, users_ptr, profiles_ptr, profile_stride,
+    table_ptr, stride_item, stride_comp, user_emb_ptr, redw_ptr, redb_ptr,
+    cwx_ptr, cbx_ptr, cwu_ptr, cbu_ptr, cw_ptr, cb_ptr,
+    r_ptr, xbar_ptr,                                # [B*P*M, D], [B*P, D]
+    P, M, F, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KD: tl.constexpr, PRECISION: tl.constexpr, LOW: tl.constexpr,
+):
+    slot = tl.program_id(0).to(tl.int64)
+    acc_dtype = redb_ptr.dtype.element_ty
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    tile_ok = m_ok[:, None] & d_ok[None, :]
+    uid, item = _slot_of(order_ptr, cursor_ptr, order_stride, users_ptr, profiles_ptr,
+                         profile_stride, slot, P)
+    r_rows = r_ptr + slot * M * D + offs_m * D
+    if item > 0:
+        r = _reduce_rows(table_ptr, item, stride_item, stride_comp, redw_ptr, redb_ptr,
+                         offs_m, m_ok, offs_d, d_ok, F, D, BLOCK_M, BLOCK_D, BLOCK_K,
+                         PRECISION, LOW)
+        tl.store(r_rows[:, None] + offs_d[None, :], r, mask=tile_ok)
+        tl.debug_barrier()   # r is read back in chunks for its hidden layer
+        uu = _matvec(cwu_ptr, user_emb_ptr + uid * D, offs_d, d_ok, D,
+                     tl.load(cbu_ptr + offs_d, mask=d_ok, other=0.0), False, BLOCK_KD)
+        h, beta = _component_scores(r_rows, m_ok, uu, cwx_ptr, cbx_ptr, cw_ptr, cb_ptr,
+                                    offs_d, d_ok, D, BLOCK_M, BLOCK_D, BLOCK_KD, PRECISION)
+        xbar = tl.sum(beta[:, None] * r, axis=0)
+    else:
+        tl.store(r_rows[:, None] + offs_d[None, :], tl.zeros([BLOCK_M, BLOCK_D], acc_dtype),
+                 mask=tile_ok)
+        xbar = tl.zeros([BLOCK_D], acc_dtype)
+    tl.store(xbar_ptr + slot * D + offs_d, xbar, mask=d_ok)
 
 
 @triton.jit
 def _user_step_kernel(
-    # the batch: triplet t = order[cursor * order_stride + i] of the triplet arrays
     order_ptr, cursor_ptr, order_stride, users_ptr, pos_ptr, neg_ptr, profiles_ptr, profile_stride,
-    # the feature table and the parameters (ACFWeights order)
-    table_ptr, stride_item, stride_comp,
-    item_emb_ptr, prof_emb_ptr, user_emb_ptr, redw_ptr, redb_ptr,
-    cwx_ptr, cbx_ptr, cwu_ptr, cbu_ptr, cw_ptr, cb_ptr,
+    item_emb_ptr, prof_emb_ptr, user_emb_ptr,
     iwu_ptr, ibu_ptr, iwp_ptr, ibp_ptr, iwx_ptr, ibx_ptr, iw_ptr, ib_ptr,
-    # outputs
-    user_ids_ptr, item_ids_ptr, prof_ids_ptr,       # [B], [2B], [B*P] ids of the rows below
-    duser_ptr, ditem_ptr, dprof_ptr,                # [B, D], [2B, D], [B*P, D] embedding grads
-    r_ptr, dr_ptr, dxr_ptr,                         # [B*P*M, D] per (slot, component)
-    xbar_ptr, dz_ptr, dut_ptr, duu_ptr,             # [B*P, D], [B*P, D], [B, D], [B, D]
-    vec_ptr,                                        # [B, VEC] partial vector-parameter grads
+    xbar_ptr,                                       # [B*P, D] from the slot forward
+    user_ids_ptr, item_ids_ptr, prof_ids_ptr,       # [B (+ B*P)], [2B], [B*P] row ids
+    duser_ptr, ditem_ptr, dprof_ptr,                # [B (+ B*P), D], [2B, D], [B*P, D]
+    dz_ptr, dut_ptr, vec_ptr,                       # [B*P, D], [B, D], [B, VEC]
     terms_ptr, flags_ptr, scores_ptr, step_ptr,     # [B], [B], [B, 2], Adam's step count
-    B, P, M, F, D, VEC,
-    LOSS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, LOW: tl.constexpr,
+    B, P, D, VEC,
+    LOSS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_KD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i = tl.program_id(0)
-    acc_dtype = redb_ptr.dtype.element_ty
+    acc_dtype = ibu_ptr.dtype.element_ty
     if step_ptr is not None:
         # Adam's step count advances here, before the optimizer kernel reads it: a write
         # in the kernel that reads it would race with its other programs
@@ -169,8 +213,6 @@ def _user_step_kernel(
             tl.store(step_ptr, tl.load(step_ptr) + 1)
     offs_p = tl.arange(0, BLOCK_P)
     p_ok = offs_p < P
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     pd_ok = p_ok[:, None] & d_ok[None, :]
@@ -188,38 +230,18 @@ def _user_step_kernel(
     tl.store(item_ids_ptr + B + i, neg)
     tl.store(prof_ids_ptr + i * P + offs_p, prof, mask=p_ok)
 
-    u = tl.load(user_emb_ptr + uid * D + offs_d, mask=d_ok, other=0.0)
-    ut = _matvec(iwu_ptr, ibu_ptr, u, offs_d, d_ok, offs_d, d_ok, D)
-    cb = tl.load(cb_ptr)
-    tile = offs_m[:, None] * D + offs_d[None, :]
-    tile_ok = m_ok[:, None] & d_ok[None, :]
-
-    # ---------------------------------------------------------------- forward, per slot
-    xbar = tl.zeros([BLOCK_P, BLOCK_D], dtype=acc_dtype)
-    for l in range(0, P):
-        slot = (i * P + l).to(tl.int64)
-        item = _pick(prof, offs_p, l)
-        if item > 0:
-            r = _reduce_rows(table_ptr, item, stride_item, stride_comp, redw_ptr, redb_ptr,
-                             offs_m, m_ok, offs_d, d_ok, F, D, BLOCK_M, BLOCK_D, BLOCK_K,
-                             PRECISION, LOW)
-            beta = _component_softmax(r, u, cwx_ptr, cbx_ptr, cwu_ptr, cbu_ptr, cw_ptr, cb,
-                                      offs_d, d_ok, m_ok, D, BLOCK_M, BLOCK_H, PRECISION)
-            xbar = tl.where((offs_p == l)[:, None], tl.sum(beta[:, None] * r, axis=0)[None, :], xbar)
-            tl.store(r_ptr + slot * M * D + tile, r, mask=tile_ok)
-        else:
-            tl.store(r_ptr + slot * M * D + tile, tl.zeros([BLOCK_M, BLOCK_D], acc_dtype), mask=tile_ok)
-    tl.store(xbar_ptr + (i * P + offs_p[:, None]) * D + offs_d[None, :], xbar, mask=pd_ok)
-
     # ---------------------------------------------------------------- item attention
-    p_rows = tl.load(prof_emb_ptr + prof[:, None] * D + offs_d[None, :],
-                     mask=valid[:, None] & d_ok[None, :], other=0.0)
-    z = (tl.dot(p_rows, _transposed(iwp_ptr, offs_d, d_ok, offs_d, d_ok, D),
-                input_precision=PRECISION, out_dtype=acc_dtype)
-         + tl.dot(xbar, _transposed(iwx_ptr, offs_d, d_ok, offs_d, d_ok, D),
-                  input_precision=PRECISION, out_dtype=acc_dtype)
-         + (tl.load(ibp_ptr + offs_d, mask=d_ok, other=0.0)
-            + tl.load(ibx_ptr + offs_d, mask=d_ok, other=0.0) + ut)[None, :])
+    ut = _matvec(iwu_ptr, user_emb_ptr + uid * D, offs_d, d_ok, D,
+                 tl.load(ibu_ptr + offs_d, mask=d_ok, other=0.0), False, BLOCK_KD)
+    prof_rows = prof_emb_ptr + prof * D
+    xbar_rows = xbar_ptr + (i * P + offs_p) * D
+    p_rows = tl.load(prof_rows[:, None] + offs_d[None, :], mask=valid[:, None] & d_ok[None, :],
+                     other=0.0)
+    z = tl.zeros([BLOCK_P, BLOCK_D], dtype=acc_dtype) + (
+        tl.load(ibp_ptr + offs_d, mask=d_ok, other=0.0)
+        + tl.load(ibx_ptr + offs_d, mask=d_ok, other=0.0) + ut)[None, :]
+    z = _rows_dot(prof_rows, valid, iwp_ptr, offs_d, d_ok, D, z, True, BLOCK_KD, PRECISION)
+    z = _rows_dot(xbar_rows, p_ok, iwx_ptr, offs_d, d_ok, D, z, True, BLOCK_KD, PRECISION)
     w1 = tl.load(iw_ptr + offs_d, mask=d_ok, other=0.0)
     a = tl.sum(tl.maximum(z, 0.0) * w1[None, :], axis=1) + tl.load(ib_ptr)
     a = tl.where(valid, a, float("-inf"))
@@ -255,87 +277,108 @@ def _user_step_kernel(
     tl.store(terms_ptr + i, term)
     tl.store(flags_ptr + i, flag)
 
-    # ---------------------------------------------------------------- backward, item side
+    # ---------------------------------------------------------------- backward
     duser = coef * (v_neg - v_pos) / D
     tl.store(ditem_ptr + i * D + offs_d, -coef * user / D, mask=d_ok)
     tl.store(ditem_ptr + (B + i) * D + offs_d, coef * user / D, mask=d_ok)
     dalpha = tl.sum(p_rows * duser[None, :], axis=1)
     da = alpha * (dalpha - tl.sum(alpha * dalpha, axis=0))
     dz = tl.where(z > 0, da[:, None] * w1[None, :], 0.0)
-    tl.store(dz_ptr + (i * P + offs_p[:, None]) * D + offs_d[None, :], dz, mask=pd_ok)
-    iwp = tl.load(iwp_ptr + offs_d[:, None] * D + offs_d[None, :],
-                  mask=d_ok[:, None] & d_ok[None, :], other=0.0)
-    dp = alpha[:, None] * duser[None, :] + tl.dot(dz, iwp, input_precision=PRECISION,
-                                                    out_dtype=acc_dtype)
-    tl.store(dprof_ptr + (i * P + offs_p[:, None]) * D + offs_d[None, :], dp, mask=pd_ok)
-    iwx = tl.load(iwx_ptr + offs_d[:, None] * D + offs_d[None, :],
-                  mask=d_ok[:, None] & d_ok[None, :], other=0.0)
-    dxbar = tl.dot(dz, iwx, input_precision=PRECISION, out_dtype=acc_dtype)
+    dz_rows = dz_ptr + (i * P + offs_p) * D
+    tl.store(dz_rows[:, None] + offs_d[None, :], dz, mask=pd_ok)
     dut = duser + tl.sum(dz, axis=0)
     tl.store(dut_ptr + i * D + offs_d, dut, mask=d_ok)
     vec = vec_ptr + i * VEC
     tl.store(vec + offs_d, tl.sum(da[:, None] * tl.maximum(z, 0.0), axis=0), mask=d_ok)  # w1
     tl.store(vec + D + offs_d, tl.sum(dz, axis=0), mask=d_ok)                          # b1p, b1x
-    tl.store(vec + 4 * D, tl.sum(da, axis=0))                                          # c1
-
-    # ---------------------------------------------------------------- backward, per slot
-    tl.debug_barrier()   # r was stored above by other threads of this program
-    offs_h = tl.arange(0, BLOCK_H)
-    duu = tl.zeros([BLOCK_D], dtype=acc_dtype)
-    dcw = tl.zeros([BLOCK_D], dtype=acc_dtype)
-    dredb = tl.zeros([BLOCK_D], dtype=acc_dtype)
-    dcb = tl.sum(tl.zeros([BLOCK_D], dtype=acc_dtype), axis=0)
-    for l in range(0, P):
-        slot = (i * P + l).to(tl.int64)
-        item = _pick(prof, offs_p, l)
-        if item > 0:
-            r = tl.load(r_ptr + slot * M * D + tile, mask=tile_ok, other=0.0)
-            beta = _component_softmax(r, u, cwx_ptr, cbx_ptr, cwu_ptr, cbu_ptr, cw_ptr, cb,
-                                      offs_d, d_ok, m_ok, D, BLOCK_M, BLOCK_H, PRECISION)
-            g = _pick_row(dxbar, offs_p, l)
-            dbeta = tl.sum(r * g[None, :], axis=1)
-            de = beta * (dbeta - tl.sum(beta * dbeta, axis=0))
-            dr = beta[:, None] * g[None, :]
-            for h0 in range(0, D, BLOCK_H):
-                h, cols, h_ok = _hidden_chunk(r, u, cwx_ptr, cbx_ptr, cwu_ptr, cbu_ptr, h0,
-                                              offs_h, offs_d, d_ok, D, PRECISION)
-                cw = tl.load(cw_ptr + cols, mask=h_ok, other=0.0)
-                dxr = tl.where(h > 0, de[:, None] * cw[None, :], 0.0)
-                w = tl.load(cwx_ptr + cols[:, None] * D + offs_d[None, :],
-                            mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-                dr += tl.dot(dxr, w, input_precision=PRECISION, out_dtype=acc_dtype)
-                duu += _spread(tl.sum(dxr, axis=0), cols, offs_d)
-                dcw += _spread(tl.sum(de[:, None] * tl.maximum(h, 0.0), axis=0), cols, offs_d)
-                tl.store(dxr_ptr + slot * M * D + offs_m[:, None] * D + cols[None, :], dxr,
-                         mask=m_ok[:, None] & h_ok[None, :])
-            dr = tl.where(tile_ok, dr, 0.0)
-            dcb += tl.sum(de, axis=0)
-            dredb += tl.sum(dr, axis=0)
-            tl.store(dr_ptr + slot * M * D + tile, dr, mask=tile_ok)
-        else:
-            zero = tl.zeros([BLOCK_M, BLOCK_D], acc_dtype)
-            tl.store(dr_ptr + slot * M * D + tile, zero, mask=tile_ok)
-            tl.store(dxr_ptr + slot * M * D + tile, zero, mask=tile_ok)
-    tl.store(duu_ptr + i * D + offs_d, duu, mask=d_ok)
-    tl.store(vec + 2 * D + offs_d, dcw, mask=d_ok)       # w2
-    tl.store(vec + 3 * D + offs_d, dredb, mask=d_ok)     # b_red
-    tl.store(vec + 4 * D + 1, dcb)                       # c2
-    du = (_vecmat(iwu_ptr, dut, offs_d, d_ok, offs_d, d_ok, D)
-          + _vecmat(cwu_ptr, duu, offs_d, d_ok, offs_d, d_ok, D))
+    tl.store(vec + 2 * D, tl.sum(da, axis=0))                                          # c1
+    tl.debug_barrier()   # dz and dut, stored above by every thread, are read back in chunks
+    dp = _rows_dot(dz_rows, p_ok, iwp_ptr, offs_d, d_ok, D, alpha[:, None] * duser[None, :],
+                   False, BLOCK_KD, PRECISION)
+    tl.store(dprof_ptr + (i * P + offs_p[:, None]) * D + offs_d[None, :], dp, mask=pd_ok)
+    # the user row's gradient through ut (through uu: one piece per slot, see below)
+    du = _matvec(iwu_ptr, dut_ptr + i * D, offs_d, d_ok, D, tl.zeros([BLOCK_D], dtype=acc_dtype),
+                 True, BLOCK_KD)
     tl.store(duser_ptr + i * D + offs_d, du, mask=d_ok)
 
 
-def blocks(P: int, M: int, D: int, low: bool, cap: int = 90) -> dict:
-    """Tiles and launch options of `_user_step_kernel` (shared with the compile test).
+@triton.jit
+def _slot_backward_kernel(
+    order_ptr, cursor_ptr, order_stride, users_ptr, profiles_ptr, profile_stride,
+    user_emb_ptr, cwx_ptr, cbx_ptr, cwu_ptr, cbu_ptr, cw_ptr, cb_ptr, iwx_ptr,
+    r_ptr, dz_ptr,                                  # from the slot forward, the user step
+    dr_ptr, dxr_ptr, duu_ptr, svec_ptr,             # [B*P*M, D] x 2, [B*P, D], [B*P, VEC]
+    user_ids_ptr, duser_ptr,                        # rows B + slot: this slot's piece
+    B, P, M, D, VEC,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    slot = tl.program_id(0).to(tl.int64)
+    acc_dtype = cbx_ptr.dtype.element_ty
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    tile_ok = m_ok[:, None] & d_ok[None, :]
+    uid, item = _slot_of(order_ptr, cursor_ptr, order_stride, users_ptr, profiles_ptr,
+                         profile_stride, slot, P)
+    r_rows = r_ptr + slot * M * D + offs_m * D
+    dxr_rows = dxr_ptr + slot * M * D + offs_m * D
+    dr_tile = dr_ptr + slot * M * D + offs_m[:, None] * D + offs_d[None, :]
+    svec = svec_ptr + slot * VEC
+    tl.store(user_ids_ptr + B + slot, uid)
+    if item > 0:
+        g = _matvec(iwx_ptr, dz_ptr + slot * D, offs_d, d_ok, D,   # dxbar_l = dz_l W1x
+                    tl.zeros([BLOCK_D], dtype=acc_dtype), True, BLOCK_KD)
+        uu = _matvec(cwu_ptr, user_emb_ptr + uid * D, offs_d, d_ok, D,
+                     tl.load(cbu_ptr + offs_d, mask=d_ok, other=0.0), False, BLOCK_KD)
+        h, beta = _component_scores(r_rows, m_ok, uu, cwx_ptr, cbx_ptr, cw_ptr, cb_ptr,
+                                    offs_d, d_ok, D, BLOCK_M, BLOCK_D, BLOCK_KD, PRECISION)
+        r = tl.load(r_rows[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
+        dbeta = tl.sum(r * g[None, :], axis=1)
+        de = beta * (dbeta - tl.sum(beta * dbeta, axis=0))
+        cw = tl.load(cw_ptr + offs_d, mask=d_ok, other=0.0)
+        dxr = tl.where(h > 0, de[:, None] * cw[None, :], 0.0)
+        tl.store(dxr_rows[:, None] + offs_d[None, :], dxr, mask=tile_ok)
+        tl.store(duu_ptr + slot * D + offs_d, tl.sum(dxr, axis=0), mask=d_ok)
+        tl.store(svec + offs_d, tl.sum(de[:, None] * tl.maximum(h, 0.0), axis=0), mask=d_ok)  # w2
+        tl.store(svec + 2 * D, tl.sum(de, axis=0))                                          # c2
+        tl.debug_barrier()   # dxr and duu are read back in chunks
+        dr = _rows_dot(dxr_rows, m_ok, cwx_ptr, offs_d, d_ok, D, beta[:, None] * g[None, :],
+                       False, BLOCK_KD, PRECISION)
+        dr = tl.where(tile_ok, dr, 0.0)
+        tl.store(dr_tile, dr, mask=tile_ok)
+        tl.store(svec + D + offs_d, tl.sum(dr, axis=0), mask=d_ok)                         # b_red
+        du = _matvec(cwu_ptr, duu_ptr + slot * D, offs_d, d_ok, D,   # the user row, via uu
+                     tl.zeros([BLOCK_D], dtype=acc_dtype), True, BLOCK_KD)
+    else:
+        zero = tl.zeros([BLOCK_M, BLOCK_D], acc_dtype)
+        tl.store(dr_tile, zero, mask=tile_ok)
+        tl.store(dxr_rows[:, None] + offs_d[None, :], zero, mask=tile_ok)
+        du = tl.zeros([BLOCK_D], dtype=acc_dtype)
+        tl.store(duu_ptr + slot * D + offs_d, du, mask=d_ok)
+        tl.store(svec + offs_d, du, mask=d_ok)
+        tl.store(svec + D + offs_d, du, mask=d_ok)
+        tl.store(svec + 2 * D, tl.sum(du, axis=0))
+    tl.store(duser_ptr + (B + slot) * D + offs_d, du, mask=d_ok)
 
-    The whole model dimension is one tile (BLOCK_D >= D): the user's vectors, the item
-    attention's [BLOCK_P, D] tiles and one slot's [BLOCK_M, D] r stay in registers; the
-    [D, D] weights are re-read per use from L2 rather than held."""
+
+def blocks(P: int, M: int, D: int, low: bool, cap: int = 90) -> dict:
+    """Tiles and launch options of the three kernels, by name (shared with the compile
+    test). The whole model dimension is one tile (BLOCK_D >= D); products with a [D, D]
+    weight read their left operand in chunks of BLOCK_KD columns (see _rows_dot)."""
     from ._common import interpreting, next_pow2
 
-    block_d = max(16, next_pow2(D))
-    out = dict(BLOCK_P=max(16, next_pow2(P)), BLOCK_M=max(16, next_pow2(M)), BLOCK_D=block_d,
-               BLOCK_H=16)   # 16 hidden units a chunk: the fewest spills measured on sm_90
-    if interpreting():
-        return dict(out, BLOCK_K=16)
-    return dict(out, BLOCK_K=64 if low else 32, num_warps=16, num_stages=2 if cap >= 80 else 1)
+    tiles = dict(BLOCK_D=max(16, next_pow2(D)))
+    slot = dict(tiles, BLOCK_M=max(16, next_pow2(M)))
+    user = dict(tiles, BLOCK_P=max(16, next_pow2(P)))
+    if interpreting():   # BLOCK_KD 32: a D of 16 or 48 leaves a chunk partly masked
+        return dict(slot_forward=dict(slot, BLOCK_K=16, BLOCK_KD=32),
+                    user=dict(user, BLOCK_KD=32), slot_backward=dict(slot, BLOCK_KD=32))
+    stages = 2 if cap >= 80 else 1
+    # 8 warps a slot: [64, 128] fp32 tiles are 32 registers a thread, and sm_90 compiles
+    # both slot kernels without spills (16 chunk columns: 222 registers at most)
+    return dict(slot_forward=dict(slot, BLOCK_K=64 if low else 32, BLOCK_KD=16, num_warps=8,
+                                  num_stages=stages),
+                user=dict(user, BLOCK_KD=16, num_warps=4, num_stages=stages),
+                slot_backward=dict(slot, BLOCK_KD=16, num_warps=8, num_stages=stages))

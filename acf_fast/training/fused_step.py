@@ -1,12 +1,14 @@
-"""The whole training step (forward, loss, backward, Adam) in eight Triton launches.
+"""The whole training step (forward, loss, backward, Adam) in ten Triton launches.
 
-    kernels.train_step  1 launch   forward + loss + backward, one program per user
+    kernels.train_step  3 launches forward + loss + backward: a program per profile slot
+                                   (r, beta, xbar), per user (item attention, loss, dz),
+                                   per slot (dxr, dr)
     kernels.outer_sum   6 launches dW_red, dW2x, dW2u, dW1u, dW1p, dW1x (split-K partials)
     kernels.adam        1 launch   sums the partials and embedding rows, applies the loss
                                    scale (1/B, WARP's weight), updates every parameter
 
 No ATen kernel runs inside the step, nothing is read back to the host, and every
-shape is fixed by (B, P), so on a GPU the eight launches are captured once in a CUDA
+shape is fixed by (B, P), so on a GPU the ten launches are captured once in a CUDA
 graph and each later step is one replay. Why this shape of pipeline and not autograd
 plus torch.optim.Adam (acf_fast.training.cuda_graph): that step issues ~95 kernels,
 and even replayed from a graph their gaps cost more than the arithmetic at B = 128.
@@ -62,22 +64,24 @@ class _Plan:
         rows = B * P * M
         self.D, self.M, self.F = D, M, F
         empty = lambda *shape, dtype=dt: torch.empty(shape, dtype=dtype, device=dev)  # noqa: E731
-        self.user_ids = empty(B, dtype=torch.int64)
+        # a user's embedding gradient comes in 1 + P pieces: rows [0, B) from the user step,
+        # rows B + slot from each slot (through the component attention's uu)
+        self.user_ids = empty(B + B * P, dtype=torch.int64)
         self.item_ids = empty(2 * B, dtype=torch.int64)
         self.prof_ids = empty(B * P, dtype=torch.int64)
-        self.duser, self.ditem, self.dprof = empty(B, D), empty(2 * B, D), empty(B * P, D)
+        self.duser, self.ditem, self.dprof = empty(B + B * P, D), empty(2 * B, D), empty(B * P, D)
         self.r, self.dr, self.dxr = empty(rows, D), empty(rows, D), empty(rows, D)
         self.xbar, self.dz = empty(B * P, D), empty(B * P, D)
         self.terms, self.flags, self.scores = empty(B), empty(B), empty(B, 2)
-        self.vec_width = 4 * D + 2
-        # the dense partial gradients, one flat buffer: [vec | dut | duu | outer sums]
+        self.vec_width = 2 * D + 1   # [w1 | b1 | c1] per user, [w2 | b_red | c2] per slot
+        # the dense partial gradients, one flat buffer: [vec | svec | dut | duu | outer sums]
         cuda = dev.type == "cuda" and not common.interpreting()
         cap = reduce._capability(dev) if cuda else 90
         sms = reduce._sm_count(dev) if cuda else 132
         low = reduce.use_tensor_cores(owner.table.dtype, dt, dev)
         prec = common.dot_precision(dt, dev)
         O = osum.OuterSum
-        user_rows = dict(x=w.user_emb, ids=self.user_ids, group=1, stride_id=D, stride_sub=0, NB=D)
+        user_rows = dict(x=w.user_emb, group=1, stride_id=D, stride_sub=0, NB=D)
         # placeholders for A (dut, duu): the partial buffer is allocated below
         self.sums = {
             "red_w": O(self.dr, owner.table, self.prof_ids, M, owner.table.stride(0),
@@ -86,11 +90,12 @@ class _Plan:
             "i_wp": O(self.dz, w.profile_emb, self.prof_ids, 1, D, 0, D, sms, cap, False, prec),
             "i_wx": O(self.dz, self.xbar, None, 1, D, 0, D, sms, cap, False, prec),
         }
-        sizes = {"vec": B * self.vec_width, "dut": B * D, "duu": B * D}
+        sizes = {"vec": B * self.vec_width, "svec": B * P * self.vec_width, "dut": B * D,
+                 "duu": B * P * D}
         for name, s in self.sums.items():
             sizes[name] = s.splits * s.NA * s.NB
-        for name in ("i_wu", "c_wu"):   # A = dut / duu (views into the buffer below): [D, D]
-            sizes[name] = osum.split_plan(B, D, D, osum.blocks(D, D, False, cap), sms)[0] * D * D
+        for name, n in (("i_wu", B), ("c_wu", B * P)):   # A = dut / duu (views into the buffer below)
+            sizes[name] = osum.split_plan(n, D, D, osum.blocks(D, D, False, cap), sms)[0] * D * D
         self.part_offset, total = {}, 0
         for name, n in sizes.items():
             self.part_offset[name] = total
@@ -98,10 +103,13 @@ class _Plan:
         self.partials = torch.zeros(total, dtype=dt, device=dev)
         part = lambda name, shape: self.partials[self.part_offset[name]:self.part_offset[name] + sizes[name]].view(shape)  # noqa: E731
         self.vec = part("vec", (B, self.vec_width))
+        self.svec = part("svec", (B * P, self.vec_width))
         self.dut = part("dut", (B, D))
-        self.duu = part("duu", (B, D))
-        self.sums["i_wu"] = O(self.dut, **user_rows, sm_count=sms, cap=cap, precision=prec)
-        self.sums["c_wu"] = O(self.duu, **user_rows, sm_count=sms, cap=cap, precision=prec)
+        self.duu = part("duu", (B * P, D))
+        self.sums["i_wu"] = O(self.dut, ids=self.user_ids[:B], **user_rows, sm_count=sms,
+                              cap=cap, precision=prec)
+        self.sums["c_wu"] = O(self.duu, ids=self.user_ids[B:], **user_rows, sm_count=sms,
+                              cap=cap, precision=prec)
         for name, s in self.sums.items():
             s.out = part(name, s.partial_shape)
         self.adam_blocks = adam.blocks(cap)
@@ -113,13 +121,13 @@ class _Plan:
     def _segments(self, owner, adam, B, D):
         """The optimizer kernel's segment table (kernels.adam.SEG_FIELDS), one row a parameter."""
         st = owner.state
-        vec, dut, duu = self.part_offset["vec"], self.part_offset["dut"], self.part_offset["duu"]
-        W = self.vec_width
+        vec, svec, dut, duu = (self.part_offset[k] for k in ("vec", "svec", "dut", "duu"))
+        W, S = self.vec_width, B * self.P
         dense = {   # name -> (part_offset, part_stride, n_parts)
-            "red_b": (vec + 3 * D, W, B), "c_bx": (duu, D, B), "c_bu": (duu, D, B),
-            "c_w": (vec + 2 * D, W, B), "c_b": (vec + 4 * D + 1, W, B),
+            "red_b": (svec + D, W, S), "c_bx": (duu, D, S), "c_bu": (duu, D, S),
+            "c_w": (svec, W, S), "c_b": (svec + 2 * D, W, S),
             "i_bu": (dut, D, B), "i_bp": (vec + D, W, B), "i_bx": (vec + D, W, B),
-            "i_w": (vec, W, B), "i_b": (vec + 4 * D, W, B),
+            "i_w": (vec, W, B), "i_b": (vec + 2 * D, W, B),
         }
         for name, s in self.sums.items():
             dense[name] = (self.part_offset[name], s.NA * s.NB, s.splits)
@@ -253,19 +261,28 @@ class FusedTrainStep:
         self.replays += 1
 
     def launch(self, plan: _Plan, src: dict, advance: bool, update: bool = True) -> None:
-        """The eight launches of one step (what a graph captures); update=False stops
+        """The ten launches of one step (what a graph captures); update=False stops
         before the optimizer (the gradients stay in the plan's buffers)."""
         w, st, ts = self.weights, self.state, plan.step_kernel
         B, P, D = plan.B, plan.P, plan.D
         t = self.table
+        batch = (src["order"], src["cursor"], src.get("stride", B), src["users"])
+        profiles = (src["profiles"], src["profiles"].stride(0))
+        bl, prec = plan.ts_blocks, plan.prec
+        ts._slot_forward_kernel[(B * P,)](
+            *batch, *profiles, t, t.stride(0), t.stride(1), w.user_emb, w.red_w, w.red_b,
+            w.c_wx, w.c_bx, w.c_wu, w.c_bu, w.c_w, w.c_b, plan.r, plan.xbar,
+            P, plan.M, plan.F, D, PRECISION=prec, LOW=plan.low, **bl["slot_forward"])
         ts._user_step_kernel[(B,)](
-            src["order"], src["cursor"], src.get("stride", B), src["users"], src["pos"], src["neg"], src["profiles"],
-            src["profiles"].stride(0), t, t.stride(0), t.stride(1), *w,
+            *batch, src["pos"], src["neg"], *profiles, w.item_emb, w.profile_emb, w.user_emb,
+            w.i_wu, w.i_bu, w.i_wp, w.i_bp, w.i_wx, w.i_bx, w.i_w, w.i_b, plan.xbar,
             plan.user_ids, plan.item_ids, plan.prof_ids, plan.duser, plan.ditem, plan.dprof,
-            plan.r, plan.dr, plan.dxr, plan.xbar, plan.dz, plan.dut, plan.duu, plan.vec,
-            plan.terms, plan.flags, plan.scores, st.step, B, P, plan.M, plan.F, D,
-            plan.vec_width, LOSS=self.loss_code, PRECISION=plan.prec, LOW=plan.low,
-            **plan.ts_blocks)
+            plan.dz, plan.dut, plan.vec, plan.terms, plan.flags, plan.scores, st.step,
+            B, P, D, plan.vec_width, LOSS=self.loss_code, PRECISION=prec, **bl["user"])
+        ts._slot_backward_kernel[(B * P,)](
+            *batch, *profiles, w.user_emb, w.c_wx, w.c_bx, w.c_wu, w.c_bu, w.c_w, w.c_b, w.i_wx,
+            plan.r, plan.dz, plan.dr, plan.dxr, plan.duu, plan.svec, plan.user_ids, plan.duser,
+            B, P, plan.M, D, plan.vec_width, PRECISION=prec, **bl["slot_backward"])
         for s in plan.sums.values():
             s.launch()
         self._last = plan
@@ -275,7 +292,7 @@ class FusedTrainStep:
         adam._adam_kernel[(plan.n_blocks,)](
             st.flat, st.exp_avg, st.exp_avg_sq, plan.partials, plan.seg_table,
             plan.seg_table.shape[0],
-            plan.user_ids, plan.duser, B, plan.item_ids, plan.ditem, 2 * B,
+            plan.user_ids, plan.duser, B + B * P, plan.item_ids, plan.ditem, 2 * B,
             plan.prof_ids, plan.dprof, B * P,
             plan.terms, plan.flags, B, self.loss, st.step, src["cursor"] if advance else None,
             st.hyper, WARP=self.loss_code == 0, N_FIELDS=len(adam.SEG_FIELDS), **plan.adam_blocks)
