@@ -22,18 +22,19 @@ N_PARAMS = ITEMS * D + 1079 * D + D * F + 5 * D * D + 8 * D   # tied profile emb
 ADAM_BLOCK = 512
 
 
-def kernels(B: int) -> list[tuple[str, float, float, float]]:
-    """(launch, HBM bytes, tensor-core FLOPs, CUDA-core FLOPs)."""
+def kernels(B: int, table: int = TABLE) -> list[tuple[str, float, float, float]]:
+    """(launch, HBM bytes, tensor-core FLOPs, CUDA-core FLOPs); `table`: bytes per feature
+    (2: bf16, whose reduction GEMMs run on tensor cores; 4: fp32, on CUDA cores unless TF32)."""
     S = B * P                 # profile slots
     R = S * M                 # (slot, component) rows
     rows_f32 = R * D * ACC    # one [R, D] fp32 buffer (r, dr or dxr)
     splits = 16               # dW_red split-K partials (kernels.outer_sum.splits_for, B = 128)
     return [
-        ("slot_forward (r, beta, xbar; per slot)", R * F * TABLE + rows_f32 + S * D * ACC,
+        ("slot_forward (r, beta, xbar; per slot)", R * F * table + rows_f32 + S * D * ACC,
          2 * R * F * D, 2 * R * D * D),
         ("user_step (item attention, loss, dz; per user)", 4 * S * D * ACC, 0, 3 * 2 * S * D * D),
         ("slot_backward (dxr, dr; per slot)", 3 * rows_f32 + S * D * ACC, 0, 2 * 2 * R * D * D),
-        ("outer_sum dW_red = dr^T x", rows_f32 + R * F * TABLE + splits * D * F * ACC,
+        ("outer_sum dW_red = dr^T x", rows_f32 + R * F * table + splits * D * F * ACC,
          2 * R * F * D, 0),
         ("outer_sum dW2x = dxr^T r", 2 * rows_f32, 0, 2 * R * D * D),
         ("outer_sum dW1p, dW1x (2 launches)", 2 * (2 * S * D * ACC), 0, 2 * 2 * S * D * D),
@@ -54,7 +55,19 @@ def slot_l2_bytes(B: int) -> float:
     """W_red (bf16) and the [D, D] fp32 weights each slot program reads from L2: every
     one of the B * P programs streams the whole W_red, which is the step's largest L2
     traffic (not HBM: the weights stay resident)."""
-    return B * P * (D * F * TABLE + 5 * D * D * ACC)
+    return B * P * (D * F * TABLE + 6 * D * D * ACC)   # W2x 3x, W2u 2x, W1x once
+
+
+def floor_us(B: int, gpu: str, table: int = TABLE) -> float:
+    """The step's floor on `gpu` (a GPUS key): the sum over launches of max(bytes /
+    bandwidth, FLOPs / peak), an fp32 table's reduction GEMMs at the fp32 rate."""
+    bw, tc_peak, fp_peak = GPUS[gpu]
+    total = 0.0
+    for _, nbytes, tc, fp in kernels(B, table):
+        if table == 4:
+            tc, fp = 0.0, fp + tc
+        total += max(nbytes / bw, tc / tc_peak + fp / fp_peak)
+    return total * 1e6
 
 
 def table(B: int) -> str:

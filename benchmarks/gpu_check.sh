@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# GPU check for the Triton backend, one command, under 5 minutes (the limits below cap it):
+# GPU check for the Triton backend, one command, under 8 minutes (the limits below cap it):
 #   bash benchmarks/gpu_check.sh            (OUT=/some/dir to keep the logs and tables)
 # 1. the Triton tests on CUDA tensors (no interpreter): outputs and every gradient vs the
-#    reference, fp64 gradcheck; the CUDA-graph step's capture and replay;
-# 2. the training-step benchmark (reference, GPU-resident and host-table as the tutorial,
-#    vs triton, eager and replayed from a CUDA graph; fp32/bf16 features, B=128/1024),
-#    the reduction A/B, kernel resources.
+#    reference, fp64 gradcheck; the fused step; the CUDA-graph step's capture and replay;
+# 2. issue 14's table: the fused step at the Wikimedia shape (32,958 items, full profiles)
+#    vs the GPU-resident reference and the tutorial's host-side way, B=128/1024, bf16/fp32,
+#    x its roofline floor, and the profiler's kernels per step (benchmarks/fused_bench.py);
+# 3. the training-step benchmark at the small shape (reference, GPU-resident and host-table
+#    as the tutorial, vs triton, eager and replayed from a CUDA graph; fp32/bf16 features,
+#    B=128/1024), the reduction A/B, kernel resources (benchmarks/gpu_bench.py).
+# The phases run in order of importance: if the device time runs out, the last is lost.
 # Works without installing anything (no network needed): PYTHONPATH points at this
 # checkout, and acf_fast.backends.triton maps kernels/ to acf_fast.kernels itself.
 # Each phase has its own time limit; a failing phase is reported and the next one runs.
@@ -18,8 +22,9 @@ export TRITON_DEFAULT_FP_FUSION=1      # newer triton warns when unset; same def
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 LOGS="${OUT:-${TMPDIR:-/tmp}/acf_gpu_check}"
 mkdir -p "$LOGS"
-TEST_LIMIT="${TEST_LIMIT:-140}"
-BENCH_LIMIT="${BENCH_LIMIT:-140}"
+TEST_LIMIT="${TEST_LIMIT:-120}"
+FUSED_LIMIT="${FUSED_LIMIT:-210}"
+BENCH_LIMIT="${BENCH_LIMIT:-120}"
 status=0
 start=$SECONDS
 
@@ -63,7 +68,12 @@ PYEOF
 fi
 [ "$rc" -eq 0 ] || { echo "!! tests failed or timed out (exit $rc)"; status=1; }
 
-echo "== 2. training-step benchmark (limit ${BENCH_LIMIT}s)"
+echo "== 2. the fused step at the Wikimedia shape (limit ${FUSED_LIMIT}s)"
+OUT="$LOGS" timeout "$FUSED_LIMIT" "$PY" benchmarks/fused_bench.py 2>&1 | tee "$LOGS/fused_bench_log.txt"
+rc=${PIPESTATUS[0]}
+[ "$rc" -eq 0 ] || { echo "!! fused benchmark failed or timed out (exit $rc)"; status=1; }
+
+echo "== 3. training-step benchmark, small shape (limit ${BENCH_LIMIT}s)"
 timeout "$BENCH_LIMIT" "$PY" benchmarks/gpu_bench.py 2>&1 | tee "$LOGS/gpu_bench_log.txt"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] || { echo "!! benchmark failed or timed out (exit $rc)"; status=1; }
