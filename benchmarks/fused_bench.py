@@ -18,8 +18,11 @@ Rows, measured in the same run with CUDA events (median of REPS after WARMUP):
 Columns: ms per step; the ratios; the roofline floor of benchmarks/fused_roofline.py on
 this GPU and the step's multiple of it; a 10M-triplet epoch at this rate.
 
-Then a profile of 5 fused steps (bf16, B = 128), replayed and eager: the device kernels
-per step as the profiler counts them, and each kernel's mean time.
+Then, for bf16 and B = 128: a profile of 5 fused steps, replayed and eager (the device
+kernels per step as the profiler counts them, and each kernel's mean time), and an A/B
+of the slot kernels' launch options (pipeline stages, warps), which were chosen on the
+CPU from compile reports only: the first GPU run says which to keep in
+kernels/train_step.blocks.
 """
 
 from __future__ import annotations
@@ -159,6 +162,39 @@ def profile_fused(table: torch.Tensor) -> str:
     return "\n".join(out)
 
 
+# (slot kernels' num_stages, num_warps): the shipped choice first
+TUNING = ((2, 8), (3, 8), (4, 8), (2, 4))
+
+
+def tuning_ab(table: torch.Tensor) -> str:
+    """ms per fused step with other launch options for both slot kernels (bf16, B = 128;
+    the smoke run: its one batch size and the shipped options only)."""
+    from acf_fast.kernels import train_step as ts
+
+    shipped = ts.blocks
+    B = BATCHES[0]
+    rows = [f"slot kernels' launch options (fused step, bf16, B={B}; replayed):",
+            f"  {'stages':>6s} {'warps':>5s} {'ms/step':>9s}"]
+    for stages, warps in TUNING[:1] if SMOKE else TUNING:
+        def blocks(*args, **kwargs):
+            out = shipped(*args, **kwargs)
+            for name in ("slot_forward", "slot_backward"):
+                if "num_warps" in out[name]:
+                    out[name] = dict(out[name], num_stages=stages, num_warps=warps)
+            return out
+        ts.blocks = blocks
+        try:
+            model, batch = model_and_batch(table, B)
+            ms = f"{seconds_per_step(fused_step(model, batch)[0]) * 1e3:9.3f}"
+            del model, batch
+        except Exception as exc:
+            ms = f"FAILED: {type(exc).__name__}: {str(exc)[:100]}"
+        finally:
+            ts.blocks = shipped
+        rows.append(f"  {stages:6d} {warps:5d} {ms}")
+    return "\n".join(rows)
+
+
 def main() -> int:
     if not (SMOKE or torch.cuda.is_available()):
         print("fused_bench: no CUDA device; nothing to do (--smoke runs a tiny CPU check)")
@@ -208,12 +244,12 @@ def main() -> int:
                 print(line, flush=True)
                 if not SMOKE:
                     torch.cuda.empty_cache()
-        if fname == "bf16":
+        for section in ((profile_fused, tuning_ab) if fname == "bf16" else ()):
             try:
-                text = profile_fused(table)
+                text = section(table)
             except Exception as exc:
                 traceback.print_exc()
-                text = f"profile failed: {type(exc).__name__}: {exc}"
+                text = f"{section.__name__} failed: {type(exc).__name__}: {exc}"
             print(text, flush=True)
             lines += ["", text]
         del table
