@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check for the Triton backend, one command, under 8 minutes (timeout_s 600) (the limits below cap it):
+# GPU check for the Triton backend, one command, under 8 minutes (the limits below cap it;
+# through the device tool: timeout_s 600):
 #   bash benchmarks/gpu_check.sh            (OUT=/some/dir to keep the logs and tables)
 # 1. the Triton tests on CUDA tensors (no interpreter): outputs and every gradient vs the
 #    reference, fp64 gradcheck; the fused step; the CUDA-graph step's capture and replay;
