@@ -47,8 +47,10 @@ def kernels(B: int, table: int = TABLE) -> list[tuple[str, float, float, float]]
 def adam_scan_l2_bytes(B: int) -> float:
     """The optimizer's embedding-row scan: every program of an embedding table reads the
     batch's ids (int64) from L2, not HBM; it grows with B (see RESULTS)."""
-    programs = (ITEMS + 1079) * D // ADAM_BLOCK
-    return programs * B * (P + 3) * 8
+    item_programs, user_programs = ITEMS * D // ADAM_BLOCK, 1079 * D // ADAM_BLOCK
+    # items (tied): pos, neg and the profile slots; users: one piece from the user step
+    # and one from each slot (through uu)
+    return (item_programs * B * (P + 2) + user_programs * B * (P + 1)) * 8
 
 
 def slot_l2_bytes(B: int) -> float:
