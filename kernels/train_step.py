@@ -143,13 +143,19 @@ def _component_scores(r_rows, m_ok, uu, cwx_ptr, cbx_ptr, cw_ptr, cb_ptr, offs_d
 
 
 @triton.jit
-def _slot_of(order_ptr, cursor_ptr, order_stride, users_ptr, profiles_ptr, profile_stride, slot, P):
-    """(user row, item) of a profile slot: slot = i * P + l is slot l of batch user i."""
+def _slot_of(order_ptr, cursor_ptr, order_stride, users_ptr, profiles_ptr, profile_stride, slot,
+             P, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A slot program's (user row, item, component and model-dim offsets and masks, and
+    their [BLOCK_M, BLOCK_D] tile's mask): slot = i * P + l is slot l of batch user i."""
     cursor = tl.load(cursor_ptr).to(tl.int64)
     t = tl.load(order_ptr + cursor * order_stride + slot // P).to(tl.int64)
     uid = tl.load(users_ptr + t).to(tl.int64)
     item = tl.load(profiles_ptr + t * profile_stride + slot % P).to(tl.int64)
-    return uid, item
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < M
+    d_ok = offs_d < D
+    return uid, item, offs_m, m_ok, offs_d, d_ok, m_ok[:, None] & d_ok[None, :]
 
 
 @triton.jit
@@ -164,13 +170,9 @@ def _slot_forward_kernel(
 ):
     slot = tl.program_id(0).to(tl.int64)
     acc_dtype = redb_ptr.dtype.element_ty
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    tile_ok = m_ok[:, None] & d_ok[None, :]
-    uid, item = _slot_of(order_ptr, cursor_ptr, order_stride, users_ptr, profiles_ptr,
-                         profile_stride, slot, P)
+    uid, item, offs_m, m_ok, offs_d, d_ok, tile_ok = _slot_of(
+        order_ptr, cursor_ptr, order_stride, users_ptr, profiles_ptr, profile_stride, slot,
+        P, M, D, BLOCK_M, BLOCK_D)
     r_rows = r_ptr + slot * M * D + offs_m * D
     if item > 0:
         r = _reduce_rows(table_ptr, item, stride_item, stride_comp, redw_ptr, redb_ptr,
@@ -315,13 +317,9 @@ def _slot_backward_kernel(
 ):
     slot = tl.program_id(0).to(tl.int64)
     acc_dtype = cbx_ptr.dtype.element_ty
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    tile_ok = m_ok[:, None] & d_ok[None, :]
-    uid, item = _slot_of(order_ptr, cursor_ptr, order_stride, users_ptr, profiles_ptr,
-                         profile_stride, slot, P)
+    uid, item, offs_m, m_ok, offs_d, d_ok, tile_ok = _slot_of(
+        order_ptr, cursor_ptr, order_stride, users_ptr, profiles_ptr, profile_stride, slot,
+        P, M, D, BLOCK_M, BLOCK_D)
     r_rows = r_ptr + slot * M * D + offs_m * D
     dxr_rows = dxr_ptr + slot * M * D + offs_m * D
     dr_tile = dr_ptr + slot * M * D + offs_m[:, None] * D + offs_d[None, :]
