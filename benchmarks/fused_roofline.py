@@ -38,7 +38,8 @@ def kernels(B: int, table: int = TABLE) -> list[tuple[str, float, float, float]]
          2 * R * F * D, 0),
         ("outer_sum dW2x = dxr^T r", 2 * rows_f32, 0, 2 * R * D * D),
         ("outer_sum dW1p, dW1x (2 launches)", 2 * (2 * S * D * ACC), 0, 2 * 2 * S * D * D),
-        ("outer_sum dW1u, dW2u (2 launches)", 2 * (2 * B * D * ACC), 0, 2 * 2 * B * D * D),
+        # dW1u over the B users' rows, dW2u over the B * P slots' (duu is per slot)
+        ("outer_sum dW1u, dW2u (2 launches)", 2 * (B + S) * D * ACC, 0, 2 * (B + S) * D * D),
         ("adam (all parameters, one launch)", 6 * N_PARAMS * ACC + splits * D * F * ACC,
          0, 12 * N_PARAMS),
     ]

@@ -375,10 +375,13 @@ def blocks(P: int, M: int, D: int, low: bool, cap: int = 90) -> dict:
                     user=dict(user, BLOCK_KD=32), slot_backward=dict(slot, BLOCK_KD=32))
     stages = 2 if cap >= 80 else 1
     # 8 warps a slot: [64, 128] fp32 tiles are 32 registers a thread, and sm_90 compiles
-    # both slot kernels without spills (16 chunk columns: 222 registers at most). 3 or 4
-    # stages compile without spills too, 16 warps only with a 16-bit table, 4 warps spill;
-    # which is fastest is for a GPU to say (benchmarks/fused_bench.py's A/B)
+    # both slot kernels without spills (16 chunk columns: 226 registers at most). At
+    # D = 256 they spill 24-300 bytes on 8 warps and 32-212 on 16 (the compile test's
+    # KNOWN_SPILLS); the user program takes 8 warps there, which removes its spill. 3 or 4
+    # stages compile without spills too, 16 warps at D = 128 only with a 16-bit table, 4
+    # warps spill; which is fastest is for a GPU to say (benchmarks/fused_bench.py's A/B)
+    wide = tiles["BLOCK_D"] > 128
     return dict(slot_forward=dict(slot, BLOCK_K=64 if low else 32, BLOCK_KD=16, num_warps=8,
                                   num_stages=stages),
-                user=dict(user, BLOCK_KD=16, num_warps=4, num_stages=stages),
+                user=dict(user, BLOCK_KD=16, num_warps=8 if wide else 4, num_stages=stages),
                 slot_backward=dict(slot, BLOCK_KD=16, num_warps=8, num_stages=stages))

@@ -277,7 +277,8 @@ class FusedTrainStep:
             *batch, src["pos"], src["neg"], *profiles, w.item_emb, w.profile_emb, w.user_emb,
             w.i_wu, w.i_bu, w.i_wp, w.i_bp, w.i_wx, w.i_bx, w.i_w, w.i_b, plan.xbar,
             plan.user_ids, plan.item_ids, plan.prof_ids, plan.duser, plan.ditem, plan.dprof,
-            plan.dz, plan.dut, plan.vec, plan.terms, plan.flags, plan.scores, st.step,
+            plan.dz, plan.dut, plan.vec, plan.terms, plan.flags, plan.scores,
+            st.step if update else None,   # a gradient-only launch is no Adam step
             B, P, D, plan.vec_width, LOSS=self.loss_code, PRECISION=prec, **bl["user"])
         ts._slot_backward_kernel[(B * P,)](
             *batch, *profiles, w.user_emb, w.c_wx, w.c_bx, w.c_wu, w.c_bu, w.c_w, w.c_b, w.i_wx,

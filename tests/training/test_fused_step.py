@@ -215,6 +215,62 @@ def _count_launches(monkeypatch):
     return launches
 
 
+@pytest.mark.parametrize("lengths, d, m", [
+    ([0, 0, 0], 16, 5),               # every profile empty (P = 1, all padding)
+    ([4], 16, 5),                     # B = 1 (the JIT's constexpr 1), P = 4
+    ([3, 1, 2, 3, 0], 20, 1),         # B * P = 15 slot programs, D = 20 in a masked chunk, M = 1
+    ([16, 2, 0], 16, 5),              # P = 16 = BLOCK_P exactly
+    ([17, 5, 1], 24, 3),              # P = 17: BLOCK_P 32
+    ([1, 1, 1, 1, 1, 1, 1], 16, 33),  # P = 1, M = 33: BLOCK_M 64
+])
+def test_odd_shapes_equal_reference(lengths, d, m):
+    """The slot and user programs at the edges of their tiles, two steps on one plan."""
+    ref, opt_ref, model, opt = _twins(tied=False, d=d, m=m)
+    step = FusedTrainStep(model, opt, "bpr")
+    for it in range(2):
+        batch, prof = _batch(model, lengths, seed=10 + it)
+        expected, grads = _reference_step(ref, opt_ref, batch, "bpr")
+        got = step.step(batch.user_ids, prof, batch.pos, batch.neg)
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+        for name, g in step.gradients().items():
+            torch.testing.assert_close(g, grads[name], atol=1e-12, rtol=1e-10, msg=name)
+    for a, b in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("lengths", [[9, 0, 3, 1, 9, 0, 5], [0, 0, 0], [2, 17, 1]])
+def test_every_buffer_a_launch_reads_is_written_by_the_step(lengths):
+    """A plan's buffers are reused step after step: poison them all (NaN, ids -1) before a
+    step, and any element a later launch reads without this step writing it (a padding
+    slot's partial, a masked tail) shows as a wrong gradient. A fresh plan's zeroed
+    buffers would hide such a miss."""
+    ref, opt_ref, model, opt = _twins(tied=False, d=20, m=5)
+    step = FusedTrainStep(model, opt, "bpr")
+    batch, prof = _batch(model, lengths, seed=5)
+    step.loss_and_gradients(batch.user_ids, prof, batch.pos, batch.neg)   # makes the plan
+    plan = step._last
+    for name in ("r", "dr", "dxr", "xbar", "dz", "duser", "ditem", "dprof", "terms",
+                 "flags", "scores", "partials"):
+        getattr(plan, name).fill_(float("nan"))
+    for name in ("user_ids", "item_ids", "prof_ids"):
+        getattr(plan, name).fill_(-1)
+    _, grads = _reference_step(ref, opt_ref, batch, "bpr")
+    step.loss_and_gradients(batch.user_ids, prof, batch.pos, batch.neg)
+    for name, g in step.gradients().items():
+        torch.testing.assert_close(g, grads[name], atol=1e-12, rtol=1e-10, msg=name)
+
+
+def test_loss_and_gradients_leaves_the_optimizer_alone():
+    """No parameter, moment or step count changes: the step count belongs to Adam."""
+    _, _, model, opt = _twins()
+    step = FusedTrainStep(model, opt, "bpr")
+    batch, prof = _batch(model, [3, 2])
+    before = [t.clone() for t in (step.state.step, step.state.flat, step.state.exp_avg)]
+    step.loss_and_gradients(batch.user_ids, prof, batch.pos, batch.neg)
+    for a, b in zip(before, (step.state.step, step.state.flat, step.state.exp_avg)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("B", [7, 33])
 def test_a_step_is_ten_launches_and_nothing_else(monkeypatch, B):
     """The issue's budget is 12 device kernels a step (goal 8): a training step from the
