@@ -20,9 +20,9 @@ this GPU and the step's multiple of it; a 10M-triplet epoch at this rate.
 
 Then, for bf16 and B = 128: a profile of 5 fused steps, replayed and eager (the device
 kernels per step as the profiler counts them, and each kernel's mean time), and an A/B
-of launch options (the slot kernels' pipeline stages and warps, the optimizer's block of
-ids), which were chosen on the CPU from compile reports only: the first GPU run says
-which to keep in kernels/train_step.blocks and kernels/adam.blocks.
+of the slot kernels' launch options (pipeline stages, warps), which were chosen on the
+CPU from compile reports only: the first GPU run says which to keep in
+kernels/train_step.blocks.
 """
 
 from __future__ import annotations
@@ -162,24 +162,21 @@ def profile_fused(table: torch.Tensor) -> str:
     return "\n".join(out)
 
 
-# (slot kernels' num_stages, num_warps; the optimizer's id block): the shipped choice
-# first; each compiles for sm_90 without spills with a bf16 table (4 warps spilled, so
-# it is not tried; ids in blocks of 16 spilled on sm_80 only)
-TUNING = ((2, 8, 8), (3, 8, 8), (4, 8, 8), (2, 16, 8), (3, 16, 8), (2, 8, 16))
+# (slot kernels' num_stages, num_warps): the shipped choice first; each compiles for sm_90
+# without spills with a bf16 table (4 warps spilled, so it is not tried)
+TUNING = ((2, 8), (3, 8), (4, 8), (2, 16), (3, 16))
 
 
 def tuning_ab(table: torch.Tensor) -> str:
-    """ms per fused step with other launch options (bf16, B = 128; the smoke run: its one
-    batch size and the shipped options only)."""
-    from acf_fast.kernels import adam
+    """ms per fused step with other launch options of both slot kernels (bf16, B = 128;
+    the smoke run: its one batch size and the shipped options only)."""
     from acf_fast.kernels import train_step as ts
 
-    shipped, shipped_adam = ts.blocks, adam.blocks
+    shipped = ts.blocks
     B = BATCHES[0]
-    rows = [f"launch options (fused step, bf16, B={B}; replayed): the slot kernels' "
-            "stages and warps, the optimizer's id block",
-            f"  {'stages':>6s} {'warps':>5s} {'ids':>4s} {'ms/step':>9s}"]
-    for stages, warps, block_c in TUNING[:1] if SMOKE else TUNING:
+    rows = [f"slot kernels' launch options (fused step, bf16, B={B}; replayed):",
+            f"  {'stages':>6s} {'warps':>5s} {'ms/step':>9s}"]
+    for stages, warps in TUNING[:1] if SMOKE else TUNING:
         def blocks(*args, **kwargs):
             out = shipped(*args, **kwargs)
             for name in ("slot_forward", "slot_backward"):
@@ -187,7 +184,6 @@ def tuning_ab(table: torch.Tensor) -> str:
                     out[name] = dict(out[name], num_stages=stages, num_warps=warps)
             return out
         ts.blocks = blocks
-        adam.blocks = lambda *a, **k: dict(shipped_adam(*a, **k), BLOCK_C=block_c)
         try:
             model, batch = model_and_batch(table, B)
             ms = f"{seconds_per_step(fused_step(model, batch)[0]) * 1e3:9.3f}"
@@ -195,8 +191,8 @@ def tuning_ab(table: torch.Tensor) -> str:
         except Exception as exc:
             ms = f"FAILED: {type(exc).__name__}: {str(exc)[:100]}"
         finally:
-            ts.blocks, adam.blocks = shipped, shipped_adam
-        rows.append(f"  {stages:6d} {warps:5d} {block_c:4d} {ms}")
+            ts.blocks = shipped
+        rows.append(f"  {stages:6d} {warps:5d} {ms}")
     return "\n".join(rows)
 
 

@@ -20,7 +20,12 @@ ITEMS, M, F, D, P = 32_958, 49, 2048, 128, 9
 TABLE, ACC = 2, 4                        # bf16 table, fp32 everything else
 GPUS = {"H100 SXM": (3.35e12, 989e12, 67e12), "H200": (4.8e12, 989e12, 67e12)}  # HBM, bf16 TC, fp32
 N_PARAMS = ITEMS * D + 1079 * D + D * F + 5 * D * D + 8 * D   # tied profile embedding
-ADAM_BLOCK = 512
+EMB_PARAMS = (ITEMS + 1 + 1079) * D                          # the dense embedding gradient
+
+
+def entries(B: int) -> int:
+    """The embedding lists' (id, row) entries: users 1 + P a user, pos and neg, profiles."""
+    return B * (1 + P) + 2 * B + B * P
 
 
 def kernels(B: int, table: int = TABLE) -> list[tuple[str, float, float, float]]:
@@ -41,18 +46,10 @@ def kernels(B: int, table: int = TABLE) -> list[tuple[str, float, float, float]]
         ("outer_sum dW1p, dW1x (2 launches)", 2 * (2 * S * D * ACC), 0, 2 * 2 * S * D * D),
         # dW1u over the B users' rows, dW2u over the B * P slots' (duu is per slot)
         ("outer_sum dW1u, dW2u (2 launches)", 2 * (B + S) * D * ACC, 0, 2 * (B + S) * D * D),
-        ("adam (all parameters, one launch)", 6 * N_PARAMS * ACC + splits * D * F * ACC,
-         0, 12 * N_PARAMS),
+        ("embedding_grad (rows summed per id)", 2 * entries(B) * D * ACC, 0, 0),
+        ("adam (all parameters, one launch)",
+         6 * N_PARAMS * ACC + splits * D * F * ACC + EMB_PARAMS * ACC, 0, 12 * N_PARAMS),
     ]
-
-
-def adam_scan_l2_bytes(B: int) -> float:
-    """The optimizer's embedding-row scan: every program of an embedding table reads the
-    batch's ids (int64) from L2, not HBM; it grows with B (see RESULTS)."""
-    item_programs, user_programs = ITEMS * D // ADAM_BLOCK, 1079 * D // ADAM_BLOCK
-    # items (tied): pos, neg and the profile slots; users: one piece from the user step
-    # and one from each slot (through uu)
-    return (item_programs * B * (P + 2) + user_programs * B * (P + 1)) * 8
 
 
 def slot_l2_bytes(B: int) -> float:
@@ -88,10 +85,9 @@ def table(B: int) -> str:
             times.append(f"{t:.0f}")
         lines.append(f"| {name} | {nbytes / 1e6:.0f} | {tc / 1e9:.1f} | {fp / 1e9:.2f} | "
                      + " | ".join(times) + " |")
-    lines.append("| **step (10 launches)** | | | | "
+    lines.append("| **step (11 launches)** | | | | "
                  + " | ".join(f"**{totals[g]:.0f}**" for g in GPUS) + " |")
-    lines.append(f"\nplus L2 reads: the slot kernels' weights {slot_l2_bytes(B) / 1e6:.0f} MB, "
-                 f"the optimizer's id scan {adam_scan_l2_bytes(B) / 1e6:.0f} MB")
+    lines.append(f"\nplus the slot kernels' L2 reads of the weights: {slot_l2_bytes(B) / 1e6:.0f} MB")
     return "\n".join(lines)
 
 

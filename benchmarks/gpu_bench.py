@@ -123,7 +123,7 @@ def essential_work(data, feature_dtype):
 
 def run_config(backend, fname, batch_size, precision):
     """backend: reference | ref-host | triton | tri-host (-host: table in host memory) |
-    tri-graph (the triton step replayed from a CUDA graph) | tri-fused (the fused 10-launch
+    tri-graph (the triton step replayed from a CUDA graph) | tri-fused (the fused 11-launch
     step, acf_fast.training.fused_step, replayed from a CUDA graph: the trainer's default)."""
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     if not SMOKE:

@@ -60,7 +60,7 @@ def training_setup(backend: str, feature_dtype: torch.dtype, batch: int = 128,
     cuda_graph (triton backend, CUDA): the step is acf_fast.training.cuda_graph.GraphedTrainStep,
     fed with host copies of the batch as a training loop would (one eager warm-up call,
     then the second call captures; later calls replay).
-    fused (triton backend): acf_fast.training.fused_step, the whole step in 10 launches, fed
+    fused (triton backend): acf_fast.training.fused_step, the whole step in 11 launches, fed
     from the device as the trainer feeds it (the batch bound as an epoch order; on CUDA the
     second call captures, later calls replay).
     """

@@ -8,10 +8,9 @@ kernel sums in a fixed order (no atomics anywhere, so the step is deterministic)
 - dense partials: the splits of a split-K weight gradient (kernels.outer_sum) or the
   per-user partial sums of a vector parameter (kernels.train_step), `n_parts` slabs
   `part_stride` apart;
-- embedding rows: up to two lists of (id, gradient row) pairs per table (the batch's
-  users; its positive and negative items; its profile items), summed per row by
-  scanning the list (a few thousand ids) in blocks; id 0 is the padding row, which
-  nn.Embedding(padding_idx=0) never trains.
+- embedding rows: the per-id sums of kernels.embedding_grad, a dense buffer shaped like
+  the embedding tables (zero where the batch has no id), which this kernel clears as
+  it reads it, ready for the next step.
 
 The batch-global loss scale is applied here: the mean's 1/B, and for WARP the weight
 log(V + 1) + 1 of the batch's V violations (kernels.train_step computes every
@@ -26,7 +25,8 @@ m / (sqrt(v) / sqrt(1 - beta2^t) + eps), with t the step count after this step
 
 Segment table, one int64 row per parameter (`SEG_FIELDS`): the first program of the
 segment, its numel, its offset in the flat buffers, where its dense partials start,
-their stride and count, the embedding lists it sums (-1: none), the row width, and whether row 0 is padding.
+their stride and count, and where its rows start in the embedding-gradient buffer (-1:
+not an embedding table).
 """
 
 from __future__ import annotations
@@ -35,34 +35,15 @@ import triton
 import triton.language as tl
 
 SEG_FIELDS = ("first_block", "numel", "offset", "part_offset", "part_stride", "n_parts",
-              "list_a", "list_b", "width", "skip_zero")
+              "emb_offset")
 N_FIELDS = len(SEG_FIELDS)
 
 
 @triton.jit
-def _scan_rows(ids_ptr, rows_ptr, n, row, col, ok, g, width, skip_zero, BLOCK_C: tl.constexpr):
-    """g += the sum of the list's gradient rows whose id is `row` (per element); with
-    skip_zero, rows of id 0 (the padding row) get nothing."""
-    offs_c = tl.arange(0, BLOCK_C)
-    for c0 in range(0, n, BLOCK_C):
-        c = c0 + offs_c
-        ids = tl.load(ids_ptr + c, mask=c < n, other=0).to(tl.int32)   # int32: half the registers
-        # the scalar flag broadcast as a vector (the interpreter mishandles scalar & vector masks)
-        keep = ((ids != 0) | ((ids * 0 + skip_zero) == 0)) & (c < n)
-        hit = (ids[None, :] == row[:, None]) & keep[None, :] & ok[:, None]
-        if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:
-            vals = tl.load(rows_ptr + c[None, :].to(tl.int64) * width + col[:, None],
-                           mask=hit, other=0.0)
-            g += tl.sum(vals, axis=1)
-    return g
-
-
-@triton.jit
 def _adam_kernel(
-    p_ptr, m_ptr, v_ptr, part_ptr, seg_ptr, n_seg,
-    ids0_ptr, rows0_ptr, n0, ids1_ptr, rows1_ptr, n1, ids2_ptr, rows2_ptr, n2,
+    p_ptr, m_ptr, v_ptr, part_ptr, seg_ptr, n_seg, emb_ptr,
     terms_ptr, flags_ptr, B, loss_ptr, step_ptr, cursor_ptr, hyper_ptr,
-    WARP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+    WARP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
     N_FIELDS: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -79,24 +60,18 @@ def _adam_kernel(
     part_offset = tl.load(row_ptr + 3)
     part_stride = tl.load(row_ptr + 4)
     n_parts = tl.load(row_ptr + 5)
-    list_a = tl.load(row_ptr + 6)
-    list_b = tl.load(row_ptr + 7)
-    width = tl.load(row_ptr + 8)
-    skip_zero = tl.load(row_ptr + 9)
+    emb_offset = tl.load(row_ptr + 6)
 
     local = (pid - first) * BLOCK + tl.arange(0, BLOCK)
     ok = local < numel
     g = tl.zeros([BLOCK], dtype=dtype)
     for k in range(0, n_parts):
         g += tl.load(part_ptr + part_offset + k * part_stride + local, mask=ok, other=0.0)
-    row = (local // width).to(tl.int32)
-    col = local % width
-    if (list_a == 0) | (list_b == 0):
-        g = _scan_rows(ids0_ptr, rows0_ptr, n0, row, col, ok, g, width, skip_zero, BLOCK_C)
-    if (list_a == 1) | (list_b == 1):
-        g = _scan_rows(ids1_ptr, rows1_ptr, n1, row, col, ok, g, width, skip_zero, BLOCK_C)
-    if (list_a == 2) | (list_b == 2):
-        g = _scan_rows(ids2_ptr, rows2_ptr, n2, row, col, ok, g, width, skip_zero, BLOCK_C)
+    if emb_offset >= 0:
+        rows = emb_ptr + emb_offset + local
+        summed = tl.load(rows, mask=ok, other=0.0)
+        g += summed
+        tl.store(rows, tl.zeros([BLOCK], dtype=dtype), mask=ok & (summed != 0))   # zero again
 
     # the loss scale: the mean's 1 / B, times WARP's weight of the batch's violations
     offs_b = tl.arange(0, BLOCK_B)
@@ -142,11 +117,8 @@ def _adam_kernel(
 
 def blocks(cap: int = 90) -> dict:
     """Constexprs and launch options of `_adam_kernel` (shared with the compile test):
-    512 elements a program (2 per thread on 8 warps), the embedding lists in blocks of 8
-    ids: the [BLOCK, BLOCK_C] id comparison is what sets the registers (1024 elements
-    spilled 1.5 KB on sm_90; blocks of 16 ids 108 bytes on sm_80; blocks of 8: 180
-    registers on sm_80, 128 on sm_90, no spills)."""
+    512 elements a program, 2 per thread on 8 warps."""
     from ._common import interpreting
 
-    out = dict(BLOCK=512, BLOCK_C=8, BLOCK_B=128)
+    out = dict(BLOCK=512, BLOCK_B=128)
     return out if interpreting() else dict(out, num_warps=8)

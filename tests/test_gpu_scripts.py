@@ -33,7 +33,7 @@ def test_fused_bench_smoke_runs_every_row(tmp_path):
                                             ("fp32", "reference"), ("fp32", "tutorial"),
                                             ("fp32", "fused")]
     assert all(float(r[3]) > 0 for r in rows)
-    assert "launch options (fused step, bf16, B=8; replayed)" in res.stdout
+    assert "slot kernels' launch options (fused step, bf16, B=8; replayed)" in res.stdout
     assert (tmp_path / "fused_bench.txt").read_text().startswith("device: CPU (smoke run)")
     assert (tmp_path / "fused_bench.json").stat().st_size > 0
 

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_count(1), default=None,
                    help="stop after this many steps in all (default: no limit)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="the fused step (10 kernels) replayed from a CUDA graph (triton backend, "
+                   help="the fused step (11 kernels) replayed from a CUDA graph (triton backend, "
                         "one GPU); default: on exactly then")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/last.pt, up to its own epochs target unless --epochs is given")

@@ -1,14 +1,16 @@
-"""The whole training step (forward, loss, backward, Adam) in ten Triton launches.
+"""The whole training step (forward, loss, backward, Adam) in eleven Triton launches.
 
-    kernels.train_step  3 launches forward + loss + backward: a program per profile slot
-                                   (r, beta, xbar), per user (item attention, loss, dz),
-                                   per slot (dxr, dr)
-    kernels.outer_sum   6 launches dW_red, dW2x, dW2u, dW1u, dW1p, dW1x (split-K partials)
-    kernels.adam        1 launch   sums the partials and embedding rows, applies the loss
-                                   scale (1/B, WARP's weight), updates every parameter
+    kernels.train_step      3 launches forward + loss + backward: a program per profile
+                                       slot (r, beta, xbar), per user (item attention,
+                                       loss, dz), per slot (dxr, dr)
+    kernels.outer_sum       6 launches dW_red, dW2x, dW2u, dW1u, dW1p, dW1x (split-K partials)
+    kernels.embedding_grad  1 launch   the embedding tables' gradient rows summed per id
+    kernels.adam            1 launch   sums the partials, reads the embedding rows, applies
+                                       the loss scale (1/B, WARP's weight), updates every
+                                       parameter
 
 No ATen kernel runs inside the step, nothing is read back to the host, and every
-shape is fixed by (B, P), so on a GPU the ten launches are captured once in a CUDA
+shape is fixed by (B, P), so on a GPU the eleven launches are captured once in a CUDA
 graph and each later step is one replay. Why this shape of pipeline and not autograd
 plus torch.optim.Adam (acf_fast.training.cuda_graph): that step issues ~95 kernels,
 and even replayed from a graph their gaps cost more than the arithmetic at B = 128.
@@ -48,14 +50,15 @@ def _kernels():
     if _triton is None:
         _triton = _registry.get("triton")   # imports acf_fast.kernels
     return tuple(importlib.import_module(f"acf_fast.kernels.{m}")
-                 for m in ("train_step", "outer_sum", "adam", "_common", "reduce"))
+                 for m in ("train_step", "outer_sum", "adam", "_common", "reduce",
+                           "embedding_grad"))
 
 
 class _Plan:
     """Buffers and launch arguments for one batch shape (B users, P profile slots)."""
 
     def __init__(self, owner: "FusedTrainStep", B: int, P: int):
-        ts, osum, adam, common, reduce = _kernels()
+        ts, osum, adam, common, reduce, emb = _kernels()
         self.B, self.P = B, P
         st, w = owner.state, owner.weights
         M, F = owner.table.shape[1:]
@@ -64,12 +67,15 @@ class _Plan:
         rows = B * P * M
         self.D, self.M, self.F = D, M, F
         empty = lambda *shape, dtype=dt: torch.empty(shape, dtype=dtype, device=dev)  # noqa: E731
-        # a user's embedding gradient comes in 1 + P pieces: rows [0, B) from the user step,
-        # rows B + slot from each slot (through the component attention's uu)
-        self.user_ids = empty(B + B * P, dtype=torch.int64)
-        self.item_ids = empty(2 * B, dtype=torch.int64)
-        self.prof_ids = empty(B * P, dtype=torch.int64)
-        self.duser, self.ditem, self.dprof = empty(B + B * P, D), empty(2 * B, D), empty(B * P, D)
+        # the embedding tables' (id, gradient row) lists, one buffer for all three so that
+        # each table's entries are one range (kernels.embedding_grad): a user's gradient
+        # comes in 1 + P pieces, rows [0, B) from the user step and B + slot from each
+        # slot (through the component attention's uu); then pos and neg; then the profiles
+        n_user, n_item = B + B * P, 2 * B
+        self.ids, self.grad_rows = empty(n_user + n_item + B * P, dtype=torch.int64), \
+            empty(n_user + n_item + B * P, D)
+        self.user_ids, self.item_ids, self.prof_ids = self.ids.split([n_user, n_item, B * P])
+        self.duser, self.ditem, self.dprof = self.grad_rows.split([n_user, n_item, B * P])
         self.r, self.dr, self.dxr = empty(rows, D), empty(rows, D), empty(rows, D)
         self.xbar, self.dz = empty(B * P, D), empty(B * P, D)
         self.terms, self.flags, self.scores = empty(B), empty(B), empty(B, 2)
@@ -114,9 +120,25 @@ class _Plan:
             s.out = part(name, s.partial_shape)
         self.adam_blocks = adam.blocks(cap)
         self.seg_table, self.n_blocks = self._segments(owner, adam, B, D)
-        self.step_kernel, self.adam = ts, adam
+        self.row_blocks = emb.blocks(D, cap)
+        self.row_spec, self.n_row_blocks = self._row_tables(owner, emb, n_user, n_item, B * P)
+        self.step_kernel, self.adam, self.row_sums = ts, adam, emb
         self.low, self.prec = low, prec
         self.ts_blocks = ts.blocks(P, M, D, low, cap)
+
+    def _row_tables(self, owner, emb, n_user: int, n_item: int, n_prof: int):
+        """kernels.embedding_grad's table spec (TABLE_FIELDS): each embedding table's range
+        of the id / row lists, and where its rows go in the owner's dense buffer."""
+        E = self.row_blocks["BLOCK_E"]
+        ranges = {"user_emb": (0, n_user, 0),                  # users: no padding row
+                  "item_emb": (n_user, n_item + (n_prof if owner.tied else 0), 1)}
+        if not owner.tied:
+            ranges["profile_emb"] = (n_user + n_item, n_prof, 1)
+        rows, first = [], 0
+        for name, (start, count, skip_zero) in ranges.items():
+            rows.append([first, start, count, owner.emb_offsets[name], skip_zero])
+            first += -(-count // E)
+        return torch.tensor(rows, dtype=torch.int64, device=owner.state.device), first
 
     def _segments(self, owner, adam, B, D):
         """The optimizer kernel's segment table (kernels.adam.SEG_FIELDS), one row a parameter."""
@@ -131,17 +153,12 @@ class _Plan:
         }
         for name, s in self.sums.items():
             dense[name] = (self.part_offset[name], s.NA * s.NB, s.splits)
-        # embedding lists: 0 users, 1 pos/neg items, 2 profile items
-        lists = {"user_emb": (0, -1), "item_emb": (1, 2 if owner.tied else -1),
-                 "profile_emb": (2, -1)}
         rows, first = [], 0
         for name in st.names:
             numel = st.params[name].numel()
             off, stride, n = dense.get(name, (0, 0, 0))
-            la, lb = lists.get(name, (-1, -1))
-            width = D if name in lists else 1
-            skip_zero = 0 if name == "user_emb" else 1    # item/profile row 0 is padding
-            rows.append([first, numel, st.offsets[name], off, stride, n, la, lb, width, skip_zero])
+            rows.append([first, numel, st.offsets[name], off, stride, n,
+                         owner.emb_offsets.get(name, -1)])
             first += -(-numel // self.adam_blocks["BLOCK"])
         table = torch.tensor(rows, dtype=torch.int64, device=st.device)
         return table, first
@@ -177,6 +194,14 @@ class FusedTrainStep:
         """(Re)adopt the optimizer's state (after `optimizer.load_state_dict`) and drop plans."""
         self.state = FlatAdamState(self.model, self.optimizer)
         self.weights = ACFWeights.of(self.model)
+        # the embedding tables' summed gradient rows (kernels.embedding_grad), zero between
+        # steps: the optimizer kernel clears what it reads
+        self.emb_offsets, total = {}, 0
+        for name in ("user_emb", "item_emb", "profile_emb"):
+            if name in self.state.names:
+                self.emb_offsets[name] = total
+                total += self.state.params[name].numel()
+        self.emb_grad = torch.zeros(total, dtype=self.state.dtype, device=self.state.device)
         self._plans, self._inputs, self._graphs = {}, {}, {}
         self.loss = torch.zeros(1, dtype=self.state.dtype, device=self.state.device)
         self._source = None
@@ -261,8 +286,9 @@ class FusedTrainStep:
         self.replays += 1
 
     def launch(self, plan: _Plan, src: dict, advance: bool, update: bool = True) -> None:
-        """The ten launches of one step (what a graph captures); update=False stops
-        before the optimizer (the gradients stay in the plan's buffers)."""
+        """The eleven launches of one step (what a graph captures); update=False stops
+        before the embedding-row sums and the optimizer (the gradients stay in the plan's
+        buffers, and emb_grad stays zero)."""
         w, st, ts = self.weights, self.state, plan.step_kernel
         B, P, D = plan.B, plan.P, plan.D
         t = self.table
@@ -289,14 +315,21 @@ class FusedTrainStep:
         self._last = plan
         if not update:
             return
+        self.sum_embedding_rows(plan)
         adam = plan.adam
         adam._adam_kernel[(plan.n_blocks,)](
             st.flat, st.exp_avg, st.exp_avg_sq, plan.partials, plan.seg_table,
-            plan.seg_table.shape[0],
-            plan.user_ids, plan.duser, B + B * P, plan.item_ids, plan.ditem, 2 * B,
-            plan.prof_ids, plan.dprof, B * P,
+            plan.seg_table.shape[0], self.emb_grad,
             plan.terms, plan.flags, B, self.loss, st.step, src["cursor"] if advance else None,
             st.hyper, WARP=self.loss_code == 0, N_FIELDS=len(adam.SEG_FIELDS), **plan.adam_blocks)
+
+    def sum_embedding_rows(self, plan: _Plan) -> None:
+        """The embedding tables' gradient rows summed per id into `emb_grad` (one launch;
+        the optimizer kernel reads and clears it)."""
+        emb = plan.row_sums
+        emb._row_sums_kernel[(plan.n_row_blocks,)](
+            plan.ids, plan.grad_rows, plan.row_spec, plan.row_spec.shape[0], self.emb_grad,
+            plan.D, N_FIELDS=len(emb.TABLE_FIELDS), **plan.row_blocks)
 
     # ------------------------------------------------------------------ inspection
     def weights_unique(self) -> list[torch.Tensor]:
@@ -322,21 +355,22 @@ class FusedTrainStep:
         """The last step's gradient of every ACFWeights field (tied fields share one),
         assembled with torch from the step's buffers: what the optimizer kernel summed."""
         plan, st = self._last, self.state
-        lists = [(plan.user_ids, plan.duser), (plan.item_ids, plan.ditem),
-                 (plan.prof_ids, plan.dprof)]
+        lists = {"user_emb": [(plan.user_ids, plan.duser)],
+                 "item_emb": [(plan.item_ids, plan.ditem)]
+                 + ([(plan.prof_ids, plan.dprof)] if self.tied else []),
+                 "profile_emb": [(plan.prof_ids, plan.dprof)]}
         out = {}
         for name, row in zip(st.names, plan.seg_table.tolist()):   # one row a name, in order
-            _, numel, _, part_off, stride, n, la, lb, width, skip_zero = row
+            _, numel, _, part_off, stride, n, _ = row
             g = torch.zeros(numel, dtype=st.dtype, device=st.device)
             for k in range(n):
                 g += plan.partials[part_off + k * stride:part_off + k * stride + numel]
-            g = g.view(-1, width) if width > 1 else g
-            for which in (la, lb):
-                if which >= 0:
-                    ids, rows = lists[which]
+            if name in self.emb_offsets:
+                g = g.view(-1, plan.D)
+                for ids, rows in lists[name]:
                     g.index_add_(0, ids, rows)
-                    if skip_zero:
-                        g[0] = 0
+                if name != "user_emb":
+                    g[0] = 0        # the padding row
             out[name] = (g.reshape(st.params[name].shape) * self._scale(plan))
         if self.tied:
             out["profile_emb"] = out["item_emb"]

@@ -16,7 +16,7 @@ training triplets when it runs.
   all-reduced before weighting, so each example gets the weight one process gives it.
   The terms are acf_fast.model.losses.per_example_terms
   (docs/distributed.md#loss-equivalence).
-- `FusedStep`: one GPU and the triton backend (the default there): ten Triton
+- `FusedStep`: one GPU and the triton backend (the default there): eleven Triton
   launches a step (acf_fast.training.fused_step) replayed from a CUDA graph, the
   epoch's triplets on the device, the loss read one step late.
 - `GraphedStep`: any loss function and torch optimizer under autograd, replayed from a
@@ -94,7 +94,7 @@ class GraphedStep(TrainStep):
 
 
 class FusedStep(TrainStep):
-    """One GPU, the triton backend: the whole step in ten launches replayed from one CUDA
+    """One GPU, the triton backend: the whole step in eleven launches replayed from one CUDA
     graph (acf_fast.training.fused_step), the training triplets and each epoch's order
     on the device (copied once, not per step), and the loss read one step late, so the
     host never waits for the GPU inside an epoch."""

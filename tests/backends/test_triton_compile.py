@@ -36,7 +36,7 @@ CAPS = (75, 80, 90)
 # the fused training step's own kernels (acf_fast.training.fused_step) target sm_80 and
 # later (its _outer_sum_kernel is also the autograd backend's dW_red: compiled everywhere)
 TRAINING_ONLY = {"_slot_forward_kernel", "_user_step_kernel", "_slot_backward_kernel",
-                 "_adam_kernel"}
+                 "_row_sums_kernel", "_adam_kernel"}
 # per-block shared memory limits (bytes) of the architectures, opt-in maximums
 SHARED_LIMIT = {75: 65536, 80: 166912, 90: 232448}
 D_VALUES = (64, 128, 256)   # model_dim values the checks cover
@@ -203,7 +203,7 @@ def cases(cap: int = 90):
 
     def add_train_step(shape, compute, tables, precisions, losses=(0,)):
         """The fused training step's kernels (acf_fast.training.fused_step) for B users."""
-        from acf_fast.kernels import adam, outer_sum, train_step
+        from acf_fast.kernels import adam, embedding_grad, outer_sum, train_step
 
         B, M, F, P, D = (shape[k] for k in ("B", "M", "F", "P", "D"))
         c = _ptr(compute)
@@ -261,13 +261,15 @@ def cases(cap: int = 90):
                         dict(PRECISION="ieee" if xlow else precision, LOW=xlow, **extra, **bl))
         for warp, cursor in itertools.product((True, False), (i64, None)):
             add(adam._adam_kernel,
-                dict(p_ptr=c, m_ptr=c, v_ptr=c, part_ptr=c, seg_ptr=i64, n_seg=19,
-                     ids0_ptr=i64, rows0_ptr=c, n0=B * (P + 1), ids1_ptr=i64, rows1_ptr=c, n1=2 * B,
-                     ids2_ptr=i64, rows2_ptr=c, n2=B * P, terms_ptr=c, flags_ptr=c, B=B,
-                     loss_ptr=c, step_ptr="*fp32", hyper_ptr=c,
+                dict(p_ptr=c, m_ptr=c, v_ptr=c, part_ptr=c, seg_ptr=i64, n_seg=19, emb_ptr=c,
+                     terms_ptr=c, flags_ptr=c, B=B, loss_ptr=c, step_ptr="*fp32", hyper_ptr=c,
                      **({"cursor_ptr": cursor} if cursor else {})),
                 dict(WARP=warp, N_FIELDS=len(adam.SEG_FIELDS),
                      **({} if cursor else dict(cursor_ptr=None)), **adam.blocks(cap)))
+        for n_tables in (2, 3):   # tied / untied profile embedding
+            add(embedding_grad._row_sums_kernel,
+                dict(ids_ptr=i64, rows_ptr=c, spec_ptr=i64, n_tables=n_tables, out_ptr=c, D=D),
+                dict(N_FIELDS=len(embedding_grad.TABLE_FIELDS), **embedding_grad.blocks(D, cap)))
 
     for compute, tables in COMPUTE_TABLE.items():
         precisions = ("ieee", "tf32") if compute == "fp32" else ("ieee",)
