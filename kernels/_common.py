@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -31,3 +33,13 @@ def dot_precision(compute_dtype: torch.dtype, device: torch.device) -> str:
 def chunk(D: int, cap: int = 64) -> int:
     """Column chunk for loops over D (= H): a power of two >= 16, at most `cap`."""
     return max(16, min(cap, next_pow2(D)))
+
+
+@triton.jit
+def segment_row(pid, table_ptr, n_rows, N_FIELDS: tl.constexpr):
+    """The row of a launch's segment table (one int64 row per segment, its first program
+    in field 0, rows in program order) that program `pid` belongs to."""
+    row = 0
+    for k in range(1, n_rows):
+        row = tl.where(pid >= tl.load(table_ptr + k * N_FIELDS), k, row)
+    return table_ptr + row * N_FIELDS

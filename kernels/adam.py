@@ -34,6 +34,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import segment_row
+
 SEG_FIELDS = ("first_block", "numel", "offset", "part_offset", "part_stride", "n_parts",
               "emb_offset")
 N_FIELDS = len(SEG_FIELDS)
@@ -48,12 +50,7 @@ def _adam_kernel(
 ):
     pid = tl.program_id(0)
     dtype = p_ptr.dtype.element_ty
-    # which parameter this program updates: the last segment starting at or before it
-    seg = 0
-    for k in range(1, n_seg):
-        first = tl.load(seg_ptr + k * N_FIELDS)
-        seg = tl.where(pid >= first, k, seg)
-    row_ptr = seg_ptr + seg * N_FIELDS
+    row_ptr = segment_row(pid, seg_ptr, n_seg, N_FIELDS)   # the parameter it updates
     first = tl.load(row_ptr)
     numel = tl.load(row_ptr + 1)
     offset = tl.load(row_ptr + 2)

@@ -28,6 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import segment_row
+
 TABLE_FIELDS = ("first_block", "start", "count", "out_offset", "skip_zero")
 
 
@@ -36,10 +38,7 @@ def _row_sums_kernel(ids_ptr, rows_ptr, spec_ptr, n_tables, out_ptr, D,
                      N_FIELDS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
                      BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
-    table = 0
-    for k in range(1, n_tables):
-        table = tl.where(pid >= tl.load(spec_ptr + k * N_FIELDS), k, table)
-    spec = spec_ptr + table * N_FIELDS
+    spec = segment_row(pid, spec_ptr, n_tables, N_FIELDS)   # the table it sums
     first = tl.load(spec)
     start = tl.load(spec + 1)
     count = tl.load(spec + 2)
