@@ -68,7 +68,9 @@ def _adam_kernel(
         rows = emb_ptr + emb_offset + local
         summed = tl.load(rows, mask=ok, other=0.0)
         g += summed
-        tl.store(rows, tl.zeros([BLOCK], dtype=dtype), mask=ok & (summed != 0))   # zero again
+        # zero again for the next step, written only where it is not (a -0.0 left behind
+        # adds nothing); NaN != 0, so a diverged step's rows are cleared too
+        tl.store(rows, tl.zeros([BLOCK], dtype=dtype), mask=ok & (summed != 0))
 
     # the loss scale: the mean's 1 / B, times WARP's weight of the batch's violations
     offs_b = tl.arange(0, BLOCK_B)

@@ -64,9 +64,9 @@ def _row_sums_kernel(ids_ptr, rows_ptr, spec_ptr, n_tables, out_ptr, D,
         later = same & (c[None, :] > offs_e[:, None])
         if tl.max(tl.max(later.to(tl.int32), axis=1), axis=0) > 0:
             # a later duplicate (rare): the chunk again in pieces of BLOCK_S entries, each
-            # piece's duplicate rows (masked lanes read nothing) added in list order. A 0/1
-            # matrix times the rows on CUDA cores ("ieee") adds them exactly; a piece of 16
-            # keeps the product's operands small (a whole chunk spilled kilobytes)
+            # piece's duplicate rows (masked lanes read nothing) selected per entry and
+            # added in a fixed order. Selected, not multiplied by a 0/1 matrix: 0 * inf is
+            # NaN, and one non-finite row would spoil every sum of the program
             for s0 in range(c0, c0 + BLOCK_C, BLOCK_S):
                 cs = s0 + tl.arange(0, BLOCK_S)
                 cs_ok = cs < count
@@ -76,8 +76,7 @@ def _row_sums_kernel(ids_ptr, rows_ptr, spec_ptr, n_tables, out_ptr, D,
                 used = tl.max(dup.to(tl.int32), axis=0) > 0
                 rows = tl.load(rows_ptr + (start + cs)[:, None] * D + offs_d[None, :],
                                mask=used[:, None] & d_ok[None, :], other=0.0)
-                acc = tl.dot(dup.to(rows.dtype), rows, acc, input_precision="ieee",
-                             out_dtype=rows.dtype)
+                acc += tl.sum(tl.where(dup[:, :, None], rows[None, :, :], 0.0), axis=1)
     # the scalar flag as a vector (the interpreter mishandles scalar & vector masks)
     keep = owner & ((ids != 0) | ((ids * 0 + skip_zero) == 0))
     tl.store(out_ptr + out_offset + ids[:, None] * D + offs_d[None, :], acc,
@@ -87,12 +86,12 @@ def _row_sums_kernel(ids_ptr, rows_ptr, spec_ptr, n_tables, out_ptr, D,
 def blocks(D: int, cap: int = 90) -> dict:
     """Constexprs and launch options of `_row_sums_kernel` (shared with the compile test):
     16 entries a program, the list compared 64 ids at a time (32 under the interpreter,
-    so that its tests cross a chunk), duplicates added 16 rows at a time; one stage: the
-    loop's loads are few and pipelining them cost registers (24 bytes spilled on sm_80)."""
+    so that its tests cross a chunk), duplicates added 4 rows at a time (a [16, 4, D]
+    selection); one stage: the loop's loads are few and pipelining them cost registers."""
     from ._common import interpreting, next_pow2
 
     block_d = max(16, next_pow2(D))
-    out = dict(BLOCK_E=16, BLOCK_C=32 if interpreting() else 64, BLOCK_S=16, BLOCK_D=block_d)
+    out = dict(BLOCK_E=16, BLOCK_C=32 if interpreting() else 64, BLOCK_S=4, BLOCK_D=block_d)
     if interpreting():
         return out
     return dict(out, num_warps=8 if block_d > 128 else 4, num_stages=1)

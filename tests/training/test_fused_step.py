@@ -260,39 +260,6 @@ def test_every_buffer_a_launch_reads_is_written_by_the_step(lengths):
         torch.testing.assert_close(g, grads[name], atol=1e-12, rtol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_embedding_rows_are_summed_per_id_and_cleared_by_the_optimizer(tied):
-    """kernels.embedding_grad: each table's rows summed per id (duplicates, repeated
-    users, the padding id 0 left out) equal torch's index_add_ of the same lists; the
-    optimizer leaves the dense buffer all zeros for the next step."""
-    _, _, model, opt = _twins(tied=tied)
-    step = FusedTrainStep(model, opt, "warp")
-    lengths = [9, 0, 3, 1, 9, 0, 5, 2, 2]
-    batch, prof = _batch(model, lengths, seed=7)
-    batch.user_ids[1::2] = batch.user_ids[0]                  # one user many times
-    src, B, P = step._load(batch.user_ids, prof, batch.pos, batch.neg)
-    plan = step._plan(B, P)
-    step.launch(plan, src, advance=False, update=False)
-    assert not step.emb_grad.any()
-    step.sum_embedding_rows(plan)
-    lists = {"user_emb": [(plan.user_ids, plan.duser)],
-             "item_emb": [(plan.item_ids, plan.ditem)] + ([(plan.prof_ids, plan.dprof)] if tied else []),
-             "profile_emb": [(plan.prof_ids, plan.dprof)]}
-    assert set(step.emb_offsets) == ({"user_emb", "item_emb"} | (set() if tied else {"profile_emb"}))
-    assert plan.item_ids.unique().numel() < plan.item_ids.numel()          # duplicates present
-    for name, off in step.emb_offsets.items():
-        param = step.state.params[name]
-        got = step.emb_grad[off:off + param.numel()].view_as(param)
-        expected = torch.zeros_like(param)
-        for ids, rows in lists[name]:
-            expected.index_add_(0, ids, rows)
-        if name != "user_emb":
-            expected[0] = 0
-        torch.testing.assert_close(got, expected, atol=1e-13, rtol=1e-12, msg=name)
-    step.launch(plan, src, advance=False)                     # a whole step, optimizer too
-    assert not step.emb_grad.any()
-
-
 def test_loss_and_gradients_leaves_the_optimizer_alone():
     """No parameter, moment or step count changes: the step count belongs to Adam."""
     _, _, model, opt = _twins()
