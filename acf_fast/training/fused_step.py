@@ -215,7 +215,12 @@ class FusedTrainStep:
         return self.loss[0]
 
     def _load(self, user_ids, profile_ids, pos, neg):
-        """Copy a batch into the input buffers of its shape (made once): (buffers, B, P)."""
+        """Copy a batch into the input buffers of its shape (made once): (buffers, B, P).
+        Its ids are checked where they are (a host batch on the host, so the GPU never
+        waits): an id outside its table would make the kernels read and write out of
+        bounds, and the padding id 0 is no positive or negative item."""
+        user_ids, profile_ids, _, pos, neg = self.model._check_batch(
+            user_ids, profile_ids, None, pos, neg, device=getattr(user_ids, "device", None))
         B, P = profile_ids.shape[0], max(profile_ids.shape[1], 1)
         if (B, P) not in self._inputs:
             dev = self.state.device
@@ -240,11 +245,19 @@ class FusedTrainStep:
         order[k * batch_size:][:B]; the cursor starts at step `start` (a resume)."""
         dev = self.state.device
         stride = int(batch_size or order.numel())
-        if self._source is None or self._source["profiles"] is not profiles:
+        if self._source is None or self._source["given"] is not profiles:
+            # new triplets: their ids checked once (one read-back), as _load checks a
+            # batch; the graphs captured on the old ones would read stale buffers
+            given = profiles
+            users, profiles, _, pos, neg = self.model._check_batch(users, profiles, None, pos,
+                                                                   neg, device=dev)
             cursor = torch.zeros(1, dtype=torch.int64, device=dev)
             self._source = dict(users=users, pos=pos, neg=neg, profiles=profiles, cursor=cursor,
-                                order=torch.empty(order.numel(), dtype=torch.int64, device=dev))
+                                order=torch.empty(order.numel(), dtype=torch.int64, device=dev),
+                                given=given)
+            self._graphs = {k: g for k, g in self._graphs.items() if k[0] != "epoch"}
         src = self._source
+        self.model._check_ranges([("order", order, 0, src["users"].shape[0])])
         if src["order"].numel() != order.numel():
             src["order"] = torch.empty(order.numel(), dtype=torch.int64, device=dev)
             self._graphs = {k: g for k, g in self._graphs.items() if k[0] != "epoch"}

@@ -291,11 +291,51 @@ def test_a_step_is_eleven_launches_and_nothing_else(monkeypatch, B):
                         + ["_outer_sum_kernel"] * 6 + ["_row_sums_kernel", "_adam_kernel"]), launches
     step.step(batch.user_ids, prof, batch.pos, batch.neg)   # allocates its input buffers once
     launches.clear()
+    checked = _unrecorded_checks(monkeypatch, model)
     with _Recorder() as rec:
         step.step(batch.user_ids, prof, batch.pos, batch.neg)
     assert len(launches) == 11
     assert set(rec.ops) <= {"copy_", "zero_", "fill_"}, rec.ops
     assert "_local_scalar_dense" not in rec.ops and "item" not in rec.ops
+    # the batch's ids are checked where the batch is (a host batch: on the host)
+    assert checked == [batch.user_ids.device]
+
+
+def _unrecorded_checks(monkeypatch, model) -> list:
+    """The model's batch checks run outside the recorder; returns the devices they ran on."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    devices, original = [], model._check_batch
+
+    def check(*args, device=None, **kwargs):
+        devices.append(device)
+        with _disable_current_modes():
+            return original(*args, device=device, **kwargs)
+    monkeypatch.setattr(model, "_check_batch", check)
+    return devices
+
+
+def test_bad_ids_are_refused_before_any_kernel_runs():
+    """An id outside its table would make the kernels read and write out of bounds:
+    refused with the id and the range, for a batch, an epoch's triplets and its order."""
+    _, _, model, opt = _twins()
+    step = FusedTrainStep(model, opt, "warp")
+    batch, prof = _batch(model, [3, 2, 1])
+    bad_users = batch.user_ids.clone()
+    bad_users[1] = model.num_users
+    with pytest.raises(ValueError, match=f"user_ids contains id {model.num_users}"):
+        step.step(bad_users, prof, batch.pos, batch.neg)
+    with pytest.raises(ValueError, match="pos contains id 0"):
+        step.step(batch.user_ids, prof, torch.zeros_like(batch.pos), batch.neg)
+    bad_prof = prof.clone()
+    bad_prof[0, 0] = model.num_items + 1
+    with pytest.raises(ValueError, match="profile_ids contains id"):
+        step.bind_epoch(batch.user_ids, bad_prof, batch.pos, batch.neg,
+                        torch.arange(3, device=DEVICE))
+    with pytest.raises(ValueError, match="order contains id 3"):
+        step.bind_epoch(batch.user_ids, prof, batch.pos, batch.neg,
+                        torch.tensor([0, 1, 3], device=DEVICE))
+    assert not step.state.step.any()           # nothing ran
 
 
 def test_what_it_does_not_implement_is_refused():
