@@ -209,7 +209,9 @@ class FusedTrainStep:
 
     # ------------------------------------------------------------------ feeding
     def step(self, user_ids, profile_ids, pos, neg) -> torch.Tensor:
-        """One step on one batch; returns the loss as a device scalar (no sync)."""
+        """One step on one batch; returns the loss as a device scalar. A host batch is
+        checked on the host and never waits for the GPU; one already on the GPU costs a
+        read-back for its id check (the trainer feeds epochs instead: bind_epoch)."""
         src, B, P = self._load(user_ids, profile_ids, pos, neg)
         self._run(("batch", B, P), B, P, src, advance=False)
         return self.loss[0]
