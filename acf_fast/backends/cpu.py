@@ -170,8 +170,7 @@ if load(required=False) is not None:
 @torch.compiler.assume_constant_result
 def _gemm_codes(table_dtype, weight_dtype, m, f, d) -> tuple[int, int]:
     # a constant to torch.compile: the choice reads a file and may time GEMMs once
-    cls = gemm_choice.precision_class(table_dtype, weight_dtype)
-    return gemm_choice.EXACT.codes() if cls is None else gemm_choice.choose(cls, m, f, d).codes()
+    return gemm_choice.for_shape(table_dtype, weight_dtype, m, f, d).codes()
 
 
 def gemm_codes(table, weight, gemm: str | None = None) -> tuple[int, int]:

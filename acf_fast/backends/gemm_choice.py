@@ -233,11 +233,15 @@ def choose(cls: str, m: int, f: int, d: int, measure_fn=None) -> Choice:
     return choice
 
 
+def for_shape(table_dtype: torch.dtype, weight_dtype: torch.dtype, m: int, f: int, d: int) -> Choice:
+    """The choice for a [N, M, F] table of table_dtype times a [D, F] weight: the exact
+    fp32 GEMM where 16-bit GEMMs are not allowed, else `choose`'s."""
+    cls = precision_class(table_dtype, weight_dtype)
+    return EXACT if cls is None else choose(cls, m, f, d)
+
+
 def for_tensors(table: torch.Tensor, weight: torch.Tensor) -> Choice:
-    cls = precision_class(table.dtype, weight.dtype)
-    if cls is None:
-        return EXACT
-    return choose(cls, table.shape[1], table.shape[2], weight.shape[0])
+    return for_shape(table.dtype, weight.dtype, table.shape[1], table.shape[2], weight.shape[0])
 
 
 def forget() -> None:
