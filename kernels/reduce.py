@@ -56,6 +56,32 @@ from ._common import dot_precision, interpreting, next_pow2
 
 
 @triton.jit
+def gather_gemm(row_base, row_ok, w_base, d_ok, k_stop, F, acc,
+                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, LOW: tl.constexpr):
+    """acc + X W_red^T over the feature columns [0, k_stop): X's rows start at the
+    pointers `row_base` (F contiguous values each; rows with row_ok False read as 0),
+    W_red's rows (one per output column) at `w_base`, a [1, BLOCK_D] block of pointers.
+
+    LOW: 16-bit x 16-bit products on tensor cores (W_red rounded to the table's dtype
+    when it is not already), fp32 sums; else the rows widened to acc's dtype, PRECISION
+    as the caller asks. Shared by this module's forward and the fused training step
+    (kernels.train_step), which gather the same table the same way."""
+    for k0 in range(0, k_stop, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < F
+        x = tl.load(row_base[:, None] + offs_k[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # W_red is [D, F]; read its transpose tile [BLOCK_K, BLOCK_D]
+        w = tl.load(w_base + offs_k[:, None], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if LOW:
+            acc = tl.dot(x, w.to(x.dtype), acc, out_dtype=tl.float32)
+        else:
+            acc = tl.dot(x.to(acc.dtype), w.to(acc.dtype), acc, input_precision=PRECISION,
+                         out_dtype=acc.dtype)
+    return acc
+
+
+@triton.jit
 def _reduce_fwd_kernel(
     table_ptr, ids_ptr, count_ptr, w_ptr, b_ptr, out_ptr,
     n_rows, M, F, D,
@@ -85,20 +111,9 @@ def _reduce_fwd_kernel(
 
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    w_base = w_ptr + offs_d[None, :].to(tl.int64) * F
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=acc_dtype)
-    for k0 in range(0, k_stop, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < F
-        x = tl.load(row_base[:, None] + offs_k[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        # W_red is [D, F]; read its transpose tile [BLOCK_K, BLOCK_D]
-        w = tl.load(w_base + offs_k[:, None], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if LOW:  # tensor cores: 16-bit x 16-bit products (W_red cast by the host), fp32 sums
-            acc = tl.dot(x, w, acc, out_dtype=tl.float32)
-        else:
-            acc = tl.dot(x.to(acc_dtype), w.to(acc_dtype), acc, input_precision=PRECISION,
-                         out_dtype=acc_dtype)
+    w_base = w_ptr + offs_d[None, :].to(tl.int64) * F   # LOW: W_red cast by the host
+    acc = gather_gemm(row_base, row_ok, w_base, d_ok, k_stop, F,
+                      tl.zeros([BLOCK_R, BLOCK_D], dtype=acc_dtype), BLOCK_K, PRECISION, LOW)
     bias = tl.load(b_ptr + offs_d, mask=d_ok, other=0.0).to(acc_dtype)
     acc += bias[None, :]
     if count_ptr is not None:

@@ -54,6 +54,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .reduce import gather_gemm
+
 WARP, SIGMOID, BPR = 0, 1, 2
 LOSS_CODES = {"warp": WARP, "sigmoid": SIGMOID, "bpr": BPR}
 
@@ -109,19 +111,10 @@ def _reduce_rows(table_ptr, item, stride_item, stride_comp, redw_ptr, redb_ptr,
                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
                  PRECISION: tl.constexpr, LOW: tl.constexpr):
     """r = x W_red^T + b_red for one item's M rows: a [BLOCK_M, BLOCK_D] tile, rows past M 0."""
-    acc_dtype = redb_ptr.dtype.element_ty
     rows = table_ptr + item * stride_item + offs_m.to(tl.int64) * stride_comp
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
-    for k0 in range(0, F, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < F
-        x = tl.load(rows[:, None] + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(redw_ptr + offs_d[None, :].to(tl.int64) * F + offs_k[:, None],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if LOW:  # 16-bit x 16-bit products on tensor cores, fp32 sums (see kernels.reduce)
-            acc = tl.dot(x, w.to(x.dtype), acc, out_dtype=tl.float32)
-        else:
-            acc = tl.dot(x.to(acc_dtype), w, acc, input_precision=PRECISION, out_dtype=acc_dtype)
+    acc = gather_gemm(rows, m_ok, redw_ptr + offs_d[None, :].to(tl.int64) * F, d_ok, F, F,
+                      tl.zeros([BLOCK_M, BLOCK_D], dtype=redb_ptr.dtype.element_ty), BLOCK_K,
+                      PRECISION, LOW)   # LOW: W_red (fp32) rounded to the table's dtype there
     acc += tl.load(redb_ptr + offs_d, mask=d_ok, other=0.0)[None, :]
     return tl.where(m_ok[:, None], acc, 0.0)
 
