@@ -130,8 +130,10 @@ class _Plan:
         """kernels.embedding_grad's table spec (TABLE_FIELDS): each embedding table's range
         of the id / row lists, and where its rows go in the owner's dense buffer."""
         E = self.row_blocks["BLOCK_E"]
-        ranges = {"user_emb": (0, n_user, 0),                  # users: no padding row
-                  "item_emb": (n_user, n_item + (n_prof if owner.tied else 0), 1)}
+        # name -> (start, count, skip_zero); gradients() sums the same ranges with torch
+        self.row_ranges = ranges = {
+            "user_emb": (0, n_user, 0),                        # users: no padding row
+            "item_emb": (n_user, n_item + (n_prof if owner.tied else 0), 1)}
         if not owner.tied:
             ranges["profile_emb"] = (n_user + n_item, n_prof, 1)
         rows, first = [], 0
@@ -370,21 +372,17 @@ class FusedTrainStep:
         """The last step's gradient of every ACFWeights field (tied fields share one),
         assembled with torch from the step's buffers: what the optimizer kernel summed."""
         plan, st = self._last, self.state
-        lists = {"user_emb": [(plan.user_ids, plan.duser)],
-                 "item_emb": [(plan.item_ids, plan.ditem)]
-                 + ([(plan.prof_ids, plan.dprof)] if self.tied else []),
-                 "profile_emb": [(plan.prof_ids, plan.dprof)]}
         out = {}
         for name, row in zip(st.names, plan.seg_table.tolist()):   # one row a name, in order
             _, numel, _, part_off, stride, n, _ = row
             g = torch.zeros(numel, dtype=st.dtype, device=st.device)
             for k in range(n):
                 g += plan.partials[part_off + k * stride:part_off + k * stride + numel]
-            if name in self.emb_offsets:
-                g = g.view(-1, plan.D)
-                for ids, rows in lists[name]:
-                    g.index_add_(0, ids, rows)
-                if name != "user_emb":
+            if name in plan.row_ranges:      # an embedding table: its (id, row) entries
+                start, count, skip_zero = plan.row_ranges[name]
+                g = g.view(-1, plan.D).index_add_(0, plan.ids[start:start + count],
+                                                  plan.grad_rows[start:start + count])
+                if skip_zero:
                     g[0] = 0        # the padding row
             out[name] = (g.reshape(st.params[name].shape) * self._scale(plan))
         if self.tied:
