@@ -40,6 +40,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import fused_roofline  # noqa: E402
+from harness import fused_training_step, median_step_seconds  # noqa: E402
 
 from acf_fast.model.losses import warp_loss  # noqa: E402
 from acf_fast.testing import random_batch, random_model  # noqa: E402
@@ -98,37 +99,8 @@ def reference_step(model, batch):
     return step
 
 
-def fused_step(model, batch):
-    from acf_fast.training.fused_step import FusedTrainStep
-
-    model.backend = "triton"
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
-    step = FusedTrainStep(model, opt, "warp")
-    B = batch.user_ids.numel()
-    prof = torch.where(batch.profile_mask, batch.profile_ids, 0)
-    order = torch.arange(B, device=DEVICE).repeat(4096)   # the same batch, step after step
-    step.bind_epoch(batch.user_ids, prof, batch.pos, batch.neg, order, batch_size=B)
-    return lambda: step.epoch_step(B), step
-
-
-def seconds_per_step(step) -> float:
-    for _ in range(WARMUP):
-        step()
-    times = []
-    for _ in range(REPS):
-        if SMOKE:
-            import time
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+def step_seconds(step) -> float:
+    return median_step_seconds(step, REPS, WARMUP, cuda=not SMOKE)[0]
 
 
 def profile_fused(table: torch.Tensor) -> str:
@@ -140,7 +112,7 @@ def profile_fused(table: torch.Tensor) -> str:
     out = []
     for capture in (True, False):
         model, batch = model_and_batch(table, 128)
-        run, step = fused_step(model, batch)
+        run, step = fused_training_step(model, batch, sync=False)
         step.capture = capture
         for _ in range(3):
             run()
@@ -152,8 +124,8 @@ def profile_fused(table: torch.Tensor) -> str:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         names: dict[str, list[float]] = {}
         for e in kernels:
-            names.setdefault(e.name, []).append(e.device_time_total if hasattr(e, "device_time_total")
-                                               else e.cuda_time_total)
+            us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            names.setdefault(e.name, []).append(us)
         out.append(f"fused step, bf16, B=128, {'graph replay' if capture else 'eager'}: "
                    f"{len(kernels) / 5:.1f} device kernels a step")
         for name, us in sorted(names.items(), key=lambda kv: -sum(kv[1])):
@@ -186,7 +158,7 @@ def tuning_ab(table: torch.Tensor) -> str:
         ts.blocks = blocks
         try:
             model, batch = model_and_batch(table, B)
-            ms = f"{seconds_per_step(fused_step(model, batch)[0]) * 1e3:9.3f}"
+            ms = f"{step_seconds(fused_training_step(model, batch, sync=False)[0]) * 1e3:9.3f}"
             del model, batch
         except Exception as exc:
             ms = f"FAILED: {type(exc).__name__}: {str(exc)[:100]}"
@@ -225,8 +197,9 @@ def main() -> int:
                 row = dict(features=fname, batch=B, step=kind)
                 try:
                     model, batch = model_and_batch(table, B, on_host=kind == "tutorial")
-                    run = fused_step(model, batch)[0] if kind == "fused" else reference_step(model, batch)
-                    s = seconds_per_step(run)
+                    run = (fused_training_step(model, batch, sync=False)[0] if kind == "fused"
+                           else reference_step(model, batch))
+                    s = step_seconds(run)
                     base.setdefault(kind, s)
                     floor = (fused_roofline.floor_us(B, key, 2 if fname == "bf16" else 4) / 1e6
                              if key and kind == "fused" else float("nan"))

@@ -44,7 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from harness import WIKIMEDIA, cuda_step_peak_bytes, training_setup, wikimedia_model  # noqa: E402
+from harness import (WIKIMEDIA, cuda_step_peak_bytes, median_step_seconds, training_setup,  # noqa: E402
+                     wikimedia_model)
 
 from acf_fast.testing import wikimedia_batch  # noqa: E402
 
@@ -87,27 +88,7 @@ def build(backend, feature_dtype, batch_size, on_host=False, cuda_graph=False, f
 
 def time_step(step, reps=REPS, warmup=WARMUP):
     """-> (median seconds per step, median host seconds to issue one step)."""
-    for _ in range(warmup):
-        step()
-    if SMOKE:
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times), statistics.median(times)
-    torch.cuda.synchronize()
-    times, host = [], []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        t0 = time.perf_counter()
-        step()
-        host.append(time.perf_counter() - t0)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times), statistics.median(host)
+    return median_step_seconds(step, reps, warmup, cuda=not SMOKE)
 
 
 def essential_work(data, feature_dtype):

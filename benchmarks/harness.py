@@ -7,6 +7,8 @@ Baselines come from acf_fast.testing (the same builders the tests use), never re
 from __future__ import annotations
 
 import platform
+import statistics
+import time
 
 import torch
 from report import LoadProbe, Row, cores, render
@@ -50,6 +52,54 @@ def wikimedia_model(backend: str, feature_dtype: torch.dtype, dev=None, **shape)
     return model.to(dev or device())
 
 
+def fused_training_step(model, data, sync: bool = True):
+    """(step, its FusedTrainStep): the triton model's fused step on the batch `data`, fed as
+    the trainer feeds it (an epoch order on the device: the batch's rows, repeated)."""
+    from acf_fast.training.fused_step import FusedTrainStep
+
+    model.backend = "triton"
+    B = data.user_ids.numel()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
+    fused = FusedTrainStep(model, opt, "warp")
+    prof = torch.where(data.profile_mask, data.profile_ids, 0)
+    order = torch.arange(B, device=data.user_ids.device).repeat(4096)
+    fused.bind_epoch(data.user_ids, prof, data.pos, data.neg, order, batch_size=B)
+
+    def step():
+        loss = fused.epoch_step(B)
+        if sync and data.user_ids.is_cuda:
+            torch.cuda.synchronize()
+        return loss
+
+    return step, fused
+
+
+def median_step_seconds(step, reps: int, warmup: int, cuda: bool = True) -> tuple[float, float]:
+    """(median seconds a step, median host seconds to issue one) after `warmup` steps: CUDA
+    events around each step on a GPU, the wall clock otherwise (both medians the same)."""
+    for _ in range(warmup):
+        step()
+    if not cuda:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), statistics.median(times)
+    torch.cuda.synchronize()
+    times, host = [], []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        step()
+        host.append(time.perf_counter() - t0)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times), statistics.median(host)
+
+
 def training_setup(backend: str, feature_dtype: torch.dtype, batch: int = 128,
                    compile: bool = False, dev=None, features_on_host: bool = False,
                    sync: bool = True, cuda_graph: bool = False, fused: bool = False, **shape):
@@ -73,22 +123,7 @@ def training_setup(backend: str, feature_dtype: torch.dtype, batch: int = 128,
         model = wikimedia_model(backend, feature_dtype, dev, **shape)
     data = wikimedia_batch(model, batch=batch)
     if fused:
-        from acf_fast.training.fused_step import FusedTrainStep
-
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
-        step_fn = FusedTrainStep(model, opt, "warp")
-        prof = torch.where(data.profile_mask, data.profile_ids, 0)
-        # the same batch every step: an epoch order of the batch repeated
-        order = torch.arange(batch, device=dev).repeat(4096)
-        step_fn.bind_epoch(data.user_ids, prof, data.pos, data.neg, order, batch_size=batch)
-
-        def fused_step():
-            loss = step_fn.epoch_step(batch)
-            if sync and data.user_ids.is_cuda:
-                torch.cuda.synchronize()
-            return loss
-
-        return model, data, fused_step
+        return model, data, fused_training_step(model, data, sync)[0]
     if cuda_graph:
         from acf_fast.training.cuda_graph import GraphedTrainStep
 
